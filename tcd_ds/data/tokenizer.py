@@ -1,0 +1,90 @@
+"""A SentencePiece unigram vocabulary, trained once per corpus and served as a Hugging Face fast tokenizer.
+
+SentencePiece trains it (deterministically); the `tokenizers` library runs it, so that the saved folder
+loads with `transformers.AutoTokenizer` anywhere, with no project code and no sentencepiece install.
+"""
+
+from pathlib import Path
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import Unigram
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from tcd_ds.data.cache import build_once, cache_key
+from tcd_ds.data.text import TextLines, expand_paths, fingerprint
+
+SPECIAL_TOKENS = {
+    "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"
+}
+# Ids 0..4 in this order; BERT-style models and the data pipeline rely on them.
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
+SPM_MODEL_FILE = "spm.model"
+
+
+def build_tokenizer(
+    train_paths: list[str],
+    vocab_size: int,
+    cache_dir: str,
+    lowercase: bool = False,
+    max_sentences: int = 2_000_000,
+    seed: int = 0,
+) -> PreTrainedTokenizerBase:
+    """Train (or reuse from `cache_dir/tokenizers/<hash>`) a unigram tokenizer on the text files.
+
+    The hash covers the corpus content and every training option, so any change retrains. Corpora with more
+    than `max_sentences` lines are sampled (with `seed`) to bound SentencePiece's memory.
+    """
+    files = expand_paths(train_paths)
+    options = dict(vocab_size=vocab_size, lowercase=lowercase, max_sentences=max_sentences, seed=seed)
+    key = cache_key(corpus=fingerprint(files), sentencepiece=spm.__version__, **options)
+    folder = build_once(Path(cache_dir) / "tokenizers" / key, lambda tmp: _train(files, tmp, **options))
+    return load_tokenizer(folder)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """A tokenizer folder written by `build_tokenizer` (or any `save_pretrained` folder), offline."""
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def _train(files: list[Path], out: Path, vocab_size: int, lowercase: bool, max_sentences: int, seed: int) -> None:
+    spm.set_random_generator_seed(seed)
+    model = out / SPM_MODEL_FILE
+    with open(model, "wb") as writer:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(TextLines(files)),
+            model_writer=writer,
+            model_type="unigram",
+            vocab_size=vocab_size,
+            normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=-1,
+            pad_piece=SPECIAL_TOKENS["pad_token"], unk_piece=SPECIAL_TOKENS["unk_token"],
+            control_symbols=[SPECIAL_TOKENS[k] for k in ("cls_token", "sep_token", "mask_token")],
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=1 << 16,  # wiki paragraphs exceed the 4 kB default
+            num_threads=1,  # multi-threaded EM is not bit-reproducible
+            minloglevel=2,
+        )
+    _to_hf(model.read_bytes()).save_pretrained(out)
+
+
+def _to_hf(spm_model: bytes) -> PreTrainedTokenizerFast:
+    """The same segmentation as SentencePiece (normaliser, whitespace handling, unigram scores) in `tokenizers`."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(spm_model)
+    tokenizer = Tokenizer(Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=UNK_ID, byte_fallback=False))
+    tokenizer.normalizer = normalizers.Sequence([
+        normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+        normalizers.Strip(),
+        normalizers.Replace(Regex(" {2,}"), " "),
+    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)

@@ -1,0 +1,198 @@
+"""The MoE student: HF BERT whose chosen FFNs are DeepSpeed-MoE layers.
+
+Module paths mirror `BertForMaskedLM` exactly, so one hook path serves teacher and student: in an MoE layer
+`layer.intermediate` is an identity and `layer.output.dense` is the whole MoE FFN (H -> H), after which
+`BertOutput` still applies dropout, the residual add and LayerNorm.
+
+Parameter names in MoE layer i (j a local expert; its global id is ep_rank * num_experts / ep_size + j):
+  bert.encoder.layer.{i}.output.dense.deepspeed_moe.gate.wg.weight                              [E, H]
+  bert.encoder.layer.{i}.output.dense.deepspeed_moe.experts.deepspeed_experts.{j}.dense_in.*    [I, H], [I]
+  bert.encoder.layer.{i}.output.dense.deepspeed_moe.experts.deepspeed_experts.{j}.dense_out.*   [H, I], [H]
+
+Process groups: building the model needs no torch.distributed, and with ep_size 1 neither does running it.
+With ep_size > 1 each rank holds num_experts / ep_size experts and tokens travel by all-to-all over
+DeepSpeed's expert-parallel group, which `deepspeed.initialize` creates and attaches (it calls
+`MoE.set_deepspeed_parallelism` on every MoE layer); so call `deepspeed.init_distributed()` before it.
+Expert weights are drawn from the global torch RNG like every other weight: seed each rank differently
+(e.g. seed + rank) or the experts of different expert-parallel ranks start identical; the engine then
+broadcasts the shared weights from rank 0 and each expert from its expert-data-parallel source.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from deepspeed.moe.layer import MoE
+from huggingface_hub.dataclasses import strict
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+from transformers.modeling_outputs import MaskedLMOutput
+
+from tcd_ds.models.bert import bert_kwargs
+from tcd_ds.spec import ModelSpec
+
+
+@strict
+class MoEBertConfig(BertConfig):
+    """BertConfig plus the MoE layout and routing; `ep_size` only shapes a training-time model (a converted
+    HF directory has ep_size 1: every expert local)."""
+
+    model_type = "moe_bert"
+    moe_layers: list[int] | None = None
+    num_experts: int = 4
+    ep_size: int = 1
+    capacity_factor: float | int = 1.0
+    eval_capacity_factor: float | int = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    noisy_gate_policy: Literal["Jitter", "RSample"] | None = None
+    balance_loss: Literal["switch", "kl_uniform"] = "switch"
+    balance_weight: float | int = 0.01
+
+    def __post_init__(self, **kwargs):
+        self.moe_layers = [] if self.moe_layers is None else list(self.moe_layers)
+        super().__post_init__(**kwargs)
+
+
+class ExpertFFN(nn.Module):
+    """One expert: BERT's FFN without its residual (dense_in = intermediate.dense, dense_out = output.dense)."""
+
+    def __init__(self, config: MoEBertConfig):
+        super().__init__()
+        self.dense_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_out = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense_out(F.gelu(self.dense_in(x)))
+
+
+class MoEFeedForward(MoE):
+    """DeepSpeed's top-1 MoE as a plain [B, T, H] -> [B, T, H] module, keeping what the losses need.
+
+    After each forward: `balance_loss` (this layer's, of the config's kind) and `expert_counts` (tokens whose
+    top-1 choice is each expert, before capacity drops, this rank's tokens only). `token_mask` ([B*T], 1 for
+    real tokens) is set by `MoEBertForMaskedLM.forward` (so call the model, not `model.bert`): padding then
+    neither takes expert capacity nor counts in the load statistics, and its MoE output is zero.
+    """
+
+    def __init__(self, config: MoEBertConfig):
+        super().__init__(
+            config.hidden_size,
+            expert=ExpertFFN(config),
+            num_experts=config.num_experts,
+            ep_size=config.ep_size,
+            k=1,
+            capacity_factor=config.capacity_factor,
+            eval_capacity_factor=config.eval_capacity_factor,
+            min_capacity=config.min_capacity,
+            use_residual=False,
+            noisy_gate_policy=config.noisy_gate_policy,
+            drop_tokens=config.drop_tokens,
+        )
+        if config.balance_loss not in ("switch", "kl_uniform"):
+            raise ValueError(f"unknown balance_loss {config.balance_loss!r}: use 'switch' or 'kl_uniform'")
+        self.balance_kind = config.balance_loss
+        self.token_mask: Tensor | None = None
+        self.balance_loss: Tensor | None = None
+        self.expert_counts: Tensor | None = None
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        output, l_aux, counts = super().forward(hidden_states, self.token_mask)
+        self.expert_counts = counts
+        self.balance_loss = l_aux if self.balance_kind == "switch" else self._kl_to_uniform(hidden_states)
+        return output
+
+    def _kl_to_uniform(self, hidden_states: Tensor) -> Tensor:
+        """KL(mean routing probs || uniform) = sum_e p_e log(E p_e), over real tokens.
+
+        DeepSpeed's gate does not return its probabilities, so they are recomputed as it computes them: softmax
+        of fp32 logits, x @ wg.T, no bias. Under the `Jitter` policy DeepSpeed routes on jittered inputs; these
+        probabilities are of the clean input.
+        """
+        x = hidden_states.reshape(-1, hidden_states.shape[-1]).float()
+        probs = F.linear(x, self.deepspeed_moe.gate.wg.weight.float()).softmax(dim=-1)
+        if self.token_mask is None:
+            mean = probs.mean(dim=0)
+        else:
+            weights = self.token_mask.to(probs.dtype).unsqueeze(1)
+            mean = (probs * weights).sum(dim=0) / weights.sum().clamp(min=1.0)
+        return torch.xlogy(mean, mean * self.num_experts).sum()
+
+
+class MoEBertForMaskedLM(BertForMaskedLM):
+    """`BertForMaskedLM` with `config.moe_layers` turned into MoE layers; `loss` is the MLM loss only."""
+
+    config_class = MoEBertConfig
+    config: MoEBertConfig
+
+    def __init__(self, config: MoEBertConfig):
+        super().__init__(config)
+        for i in config.moe_layers:
+            layer = self.bert.encoder.layer[i]
+            layer.intermediate = nn.Identity()
+            layer.output.dense = MoEFeedForward(config)
+        self.post_init()  # HF-initialises the new gate and expert weights, each expert by its own draw
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> MoEBertForMaskedLM:
+        """HF loading replaces parameter objects, dropping the tags by which DeepSpeed tells expert parameters
+        from shared ones (ZeRO groups, gradient reduction); put them back."""
+        model = super().from_pretrained(*args, **kwargs)
+        for block in model.moe_blocks().values():
+            for p in block.deepspeed_moe.experts.parameters():
+                p.allreduce = False
+                p.group_name = block.expert_group_name
+        return model
+
+    def moe_blocks(self) -> dict[int, MoEFeedForward]:
+        return {i: self.bert.encoder.layer[i].output.dense for i in self.config.moe_layers}
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        token_mask = None if attention_mask is None else attention_mask.reshape(-1).long()
+        for block in self.moe_blocks().values():
+            block.token_mask = token_mask
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def balance_loss(self) -> Tensor:
+        """Mean over MoE layers of the last forward's load-balancing loss (unweighted: the trainer weighs it)."""
+        return torch.stack([block.balance_loss for block in self.moe_blocks().values()]).mean()
+
+    def expert_load(self) -> dict[int, Tensor]:
+        """Per MoE layer, the fraction of this rank's (real) tokens whose top-1 choice is each expert."""
+        return {
+            i: block.expert_counts.float() / block.expert_counts.sum().clamp(min=1)
+            for i, block in self.moe_blocks().items()
+        }
+
+
+AutoConfig.register(MoEBertConfig.model_type, MoEBertConfig, exist_ok=True)
+AutoModelForMaskedLM.register(MoEBertConfig, MoEBertForMaskedLM, exist_ok=True)
+
+
+def moe_bert_config(model: ModelSpec, vocab_size: int, pad_token_id: int) -> MoEBertConfig:
+    moe = model.moe
+    return MoEBertConfig(
+        **bert_kwargs(model, vocab_size, pad_token_id),
+        moe_layers=moe.layer_ids(model.num_layers),
+        num_experts=moe.num_experts,
+        ep_size=moe.ep_size,
+        capacity_factor=moe.capacity_factor,
+        eval_capacity_factor=moe.eval_capacity_factor,
+        min_capacity=moe.min_capacity,
+        drop_tokens=moe.drop_tokens,
+        noisy_gate_policy=moe.noisy_gate_policy,
+        balance_loss=moe.balance_loss,
+        balance_weight=moe.balance_weight,
+    )
+
+
+def build_student(model: ModelSpec, vocab_size: int, pad_token_id: int) -> MoEBertForMaskedLM:
+    return MoEBertForMaskedLM(moe_bert_config(model, vocab_size, pad_token_id))

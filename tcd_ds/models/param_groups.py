@@ -1,0 +1,18 @@
+"""Optimizer parameter groups in the shape DeepSpeed-MoE's ZeRO wants them."""
+
+from __future__ import annotations
+
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+
+def moe_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices, not vectors (biases, LayerNorm gains); then expert parameters move to their own groups,
+    because ZeRO reduces expert gradients over the expert-data-parallel group, not the whole world. A model
+    without experts gets the two groups unchanged. Every group has the `name` DeepSpeed requires."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return split_params_into_different_moe_groups_for_optimizer(groups)

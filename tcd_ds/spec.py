@@ -1,0 +1,319 @@
+"""The run spec: one YAML file that says everything about a run.
+
+Every section forbids unknown keys, because DeepSpeed silently ignores a misspelt key and a run that trains
+with a setting the user never got is worse than one that refuses to start. Everything here is checked before
+any process group starts; the DeepSpeed config is generated from it (tcd_ds/ds_config.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MoESpec(Section):
+    """Which FFNs become DeepSpeed-MoE layers, and how they route."""
+
+    layers: Literal["every", "every_other"] | list[NonNegativeInt] = "every_other"
+    num_experts: PositiveInt = 4
+    ep_size: PositiveInt = 1
+    capacity_factor: Annotated[float, Field(gt=0)] = 1.25
+    eval_capacity_factor: Annotated[float, Field(gt=0)] = 2.0
+    min_capacity: NonNegativeInt = 4
+    drop_tokens: bool = True
+    noisy_gate_policy: Literal["Jitter", "RSample"] | None = None
+    balance_loss: Literal["switch", "kl_uniform"] = "switch"
+    balance_weight: Annotated[float, Field(ge=0)] = 0.01
+
+    def layer_ids(self, num_layers: int) -> list[int]:
+        if self.layers == "every":
+            return list(range(num_layers))
+        if self.layers == "every_other":
+            return list(range(1, num_layers, 2))
+        return sorted(set(self.layers))
+
+    @model_validator(mode="after")
+    def _experts_split_evenly(self) -> MoESpec:
+        if self.num_experts % self.ep_size:
+            raise ValueError(
+                f"num_experts ({self.num_experts}) must be divisible by ep_size ({self.ep_size}): "
+                "each expert-parallel rank holds num_experts / ep_size experts"
+            )
+        return self
+
+
+class ModelSpec(Section):
+    hidden_size: PositiveInt = 128
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 512
+    max_position: PositiveInt = 512
+    dropout: Probability = 0.1
+    attention_dropout: Probability = 0.1
+    moe: MoESpec | None = None
+
+    @model_validator(mode="after")
+    def _shapes_line_up(self) -> ModelSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.moe is not None:
+            bad = [i for i in self.moe.layer_ids(self.num_layers) if i >= self.num_layers]
+            if bad:
+                raise ValueError(f"moe.layers {bad} out of range for num_layers={self.num_layers}")
+            if not self.moe.layer_ids(self.num_layers):
+                raise ValueError("moe.layers selects no layer (every_other with num_layers=1?)")
+        return self
+
+
+class HubDatasetSpec(Section):
+    """A hub dataset, used when online; local files are the default."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+
+
+class TokenizerSpec(Section):
+    path: str | None = Field(None, description="An HF tokenizer directory to use instead of training one")
+    vocab_size: Annotated[int, Field(ge=100)] = 8000
+
+
+class DataSpec(Section):
+    train: list[str] = ["data/wiki/train.txt"]
+    validation: list[str] = ["data/wiki/validation.txt"]
+    hub: HubDatasetSpec | None = None
+    seq_len: Annotated[int, Field(ge=8)] = 128
+    mask_prob: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    cache_dir: str = ".cache/tcd_ds"
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> DataSpec:
+        local = ([] if self.hub else self.train) + self.validation
+        missing = [p for p in local if not Path(p).exists()]
+        if missing:
+            raise ValueError(f"data path(s) not found: {', '.join(missing)} (relative to {os.getcwd()})")
+        if not self.hub and not self.train:
+            raise ValueError("data.train is empty and no data.hub dataset is given")
+        if self.tokenizer.path and not Path(self.tokenizer.path).is_dir():
+            raise ValueError(f"tokenizer.path {self.tokenizer.path} is not a directory")
+        return self
+
+
+class OptimSpec(Section):
+    lr: Annotated[float, Field(gt=0)] = 5e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    betas: tuple[Probability, Probability] = (0.9, 0.98)
+    eps: Annotated[float, Field(gt=0)] = 1e-6
+    warmup_steps: NonNegativeInt = 100
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    min_lr_ratio: Probability = 0.0
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0
+
+
+class TrainSpec(Section):
+    steps: PositiveInt = 1000
+    global_batch_size: PositiveInt = 32
+    micro_batch_size: PositiveInt = 16
+    dtype: Dtype = "fp32"
+    stop_after: PositiveInt | None = Field(
+        None, description="End this launch after this many steps (a preemption-sized chunk); the schedule is "
+        "still that of train.steps and a relaunch resumes"
+    )
+    eval_every: PositiveInt = 100
+    eval_batches: PositiveInt = 8
+
+    @model_validator(mode="after")
+    def _batch_arithmetic(self) -> TrainSpec:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size}); gradient accumulation = global / (micro * world size)"
+            )
+        return self
+
+
+class ParallelSpec(Section):
+    zero_stage: Annotated[int, Field(ge=0)] = 2
+    overlap_comm: bool = False
+    timeout_minutes: PositiveInt = 30
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero_at_most_2(cls, stage: int) -> int:
+        if stage > 2:
+            raise ValueError(f"ZeRO stage {stage} is not supported: DeepSpeed-MoE refuses ZeRO-3; use 0, 1 or 2")
+        return stage
+
+
+class CheckpointSpec(Section):
+    every: PositiveInt = 500
+    keep_last: PositiveInt = 2
+
+
+class WandbSpec(Section):
+    enabled: bool = False
+    project: str = "tcd-ds"
+    entity: str | None = None
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    tags: list[str] = []
+    group: str | None = None
+
+
+class LoggingSpec(Section):
+    every: PositiveInt = 10
+    progress_bar: bool = True
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+
+class RelationSpec(Section):
+    enabled: bool = True
+    weight: Annotated[float, Field(ge=0)] = 1.0
+    layers: Literal["all"] | list[NonNegativeInt] = "all"
+
+
+class AttentionRelationSpec(RelationSpec):
+    vectors: Literal["context", "query", "key", "value"] = "context"
+
+
+class DistillSpec(Section):
+    """The frozen teacher and the three relational losses of TCD (DESIGN.md section 1)."""
+
+    teacher: str = Field(description="A teacher run dir of ours, a DeepSpeed checkpoint dir or an HF directory")
+    teacher_tag: str | None = None
+    teacher_dtype: Dtype = "fp32"
+    num_positions: Annotated[int, Field(ge=2)] = 64
+    scope: Literal["global", "local"] = "global"
+    trunk: RelationSpec = Field(default_factory=RelationSpec)
+    residual_inner: RelationSpec = Field(default_factory=RelationSpec)
+    attention: AttentionRelationSpec = Field(default_factory=lambda: AttentionRelationSpec(enabled=False))
+
+    @model_validator(mode="after")
+    def _teacher_exists(self) -> DistillSpec:
+        if not Path(self.teacher).exists():
+            raise ValueError(f"teacher path not found: {self.teacher}")
+        return self
+
+
+class RunSpec(Section):
+    run_dir: str = "runs/default"
+    seed: int = 1234
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    distill: DistillSpec | None = None
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> RunSpec:
+        if self.data.seq_len > self.model.max_position:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_position ({self.model.max_position})"
+            )
+        moe = self.model.moe
+        tokens = self.train.micro_batch_size * self.data.seq_len
+        if moe is not None and moe.min_capacity > tokens:
+            raise ValueError(
+                f"model.moe.min_capacity ({moe.min_capacity}) exceeds the tokens of one micro-batch ({tokens})"
+            )
+        if self.distill is not None and moe is None:
+            raise ValueError("distill is set but model.moe is not: TCD distils into an MoE student")
+        if self.distill is not None and self.train.micro_batch_size * self.data.seq_len < self.distill.num_positions:
+            raise ValueError(f"distill.num_positions ({self.distill.num_positions}) exceeds the tokens of a micro-batch")
+        return self
+
+    def is_moe(self) -> bool:
+        return self.model.moe is not None
+
+
+class SpecError(Exception):
+    """A run spec that cannot run; each line names a field and what is wrong with it."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt?)"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
+        problems.append(f"{loc or '<spec>'}: {msg}{shown}")
+    return problems
+
+
+def parse_override_value(raw: str) -> Any:
+    """Values stay strings for pydantic to parse by the field's type ("3e-4" -> float, "False" -> bool);
+    only lists, mappings and null need YAML."""
+    text = raw.strip()
+    if text[:1] in "[{" or text.lower() in ("null", "none", "~"):
+        return yaml.safe_load(text)
+    return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply W&B-style `--dotted.key=value` arguments to the raw spec dict."""
+    problems = []
+    for arg in overrides:
+        if not arg.startswith("--") or "=" not in arg:
+            problems.append(f"{arg}: override must look like --section.key=value")
+            continue
+        key, raw = arg[2:].split("=", 1)
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[leaf] = parse_override_value(raw)
+    if problems:
+        raise SpecError(problems)
+    return data
+
+
+def load_spec(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunSpec:
+    """Read a YAML spec (or only defaults), apply overrides, validate: a RunSpec or a SpecError."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise SpecError([f"spec file not found: {path}"]) from None
+        except yaml.YAMLError as e:
+            raise SpecError([f"{path}: not valid YAML: {e}"]) from None
+        if not isinstance(data, dict):
+            raise SpecError([f"{path}: top level must be a mapping of sections"])
+    data = apply_overrides(data, list(overrides))
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_validation_error(e)) from None
+
+
+def dump_spec(spec: RunSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,174 @@
+"""The training loop: spec -> built components -> DeepSpeed engine -> steps, evals, checkpoints, logs."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
+
+from tcd_ds.data.blocks import HubText, build_block_dataset
+from tcd_ds.data.loader import MLMBatches, validation_batches
+from tcd_ds.data.tokenizer import build_tokenizer, load_tokenizer
+from tcd_ds.ds_config import deepspeed_config
+from tcd_ds.models import build_model, moe_param_groups
+from tcd_ds.spec import RunSpec, dump_spec
+from tcd_ds.train import checkpoint
+from tcd_ds.train.engine import DistillationEngine
+from tcd_ds.train.metrics import MetricsLog
+from tcd_ds.train.optim import build_optimizer, build_scheduler
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Dropout and gate noise draw from torch's global RNG; seeding it from (seed, step, rank) makes a resumed
+    run draw exactly what an uninterrupted one would, with no RNG state to save."""
+    torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
+
+
+def local_rank_zero_first(build):
+    """Build a cached artifact on each node's first rank, then let the others hit the cache."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if first:
+        result = build()
+    dist.barrier()
+    if not first:
+        result = build()
+    return result
+
+
+def build_data(spec: RunSpec, rank: int, world_size: int):
+    d = spec.data
+    if d.tokenizer.path:
+        tokenizer = load_tokenizer(d.tokenizer.path)
+    else:
+        tokenizer = local_rank_zero_first(lambda: build_tokenizer(d.train, d.tokenizer.vocab_size, d.cache_dir))
+    hub = HubText(**d.hub.model_dump()) if d.hub else None
+    train_set, train_stats = local_rank_zero_first(
+        lambda: build_block_dataset(d.train, tokenizer, d.seq_len, d.cache_dir, hub=hub)
+    )
+    val_set, _ = local_rank_zero_first(lambda: build_block_dataset(d.validation, tokenizer, d.seq_len, d.cache_dir))
+    train_batches = MLMBatches(
+        train_set, tokenizer, spec.train.global_batch_size, spec.train.micro_batch_size,
+        rank, world_size, spec.seed, d.mask_prob,
+    )
+    val_batches = validation_batches(
+        val_set, tokenizer, spec.train.micro_batch_size, spec.train.eval_batches, rank, world_size, spec.seed,
+        d.mask_prob,
+    )
+    return tokenizer, train_batches, val_batches, train_stats
+
+
+@torch.no_grad()
+def evaluate(engine, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Validation MLM loss and accuracy over masked tokens, pooled across ranks."""
+    engine.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, correct, masked tokens
+    for batch in batches:
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        masked = batch["labels"] != -100
+        labels = batch["labels"][masked]
+        picked = logits[masked].float()
+        sums[0] += torch.nn.functional.cross_entropy(picked, labels, reduction="sum").double()
+        sums[1] += (picked.argmax(-1) == labels).sum()
+        sums[2] += masked.sum()
+    dist.all_reduce(sums)
+    engine.train()
+    count = max(sums[2].item(), 1.0)
+    return {"val/loss/mlm": sums[0].item() / count, "val/accuracy": sums[1].item() / count}
+
+
+def expert_load(model) -> dict[str, list[float]]:
+    """Per MoE layer, the fraction of the global batch's tokens whose top-1 choice is each expert."""
+    blocks = model.moe_blocks()
+    counts = torch.stack([block.expert_counts.float() for block in blocks.values()])
+    dist.all_reduce(counts)
+    fractions = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return {f"moe/load/layer_{i}": f.tolist() for i, f in zip(blocks, fractions)}
+
+
+def pooled_mean(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean of each loss term over the log window and over data-parallel ranks: one all-reduce per log."""
+    names = sorted(window[0])
+    stacked = torch.stack([torch.stack([torch.as_tensor(w[n], dtype=torch.float32) for n in names]) for w in window])
+    means = stacked.mean(0)
+    dist.all_reduce(means)
+    means /= dist.get_world_size()
+    return {f"loss/{n}": v for n, v in zip(names, means.tolist())}
+
+
+def train(spec: RunSpec) -> None:
+    accelerator = get_accelerator()
+    deepspeed.init_distributed(
+        dist_backend=accelerator.communication_backend_name(),
+        timeout=timedelta(minutes=spec.parallel.timeout_minutes),
+        verbose=False,
+    )
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    run_dir = Path(spec.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.yaml").write_text(dump_spec(spec))
+
+    tokenizer, train_batches, val_batches, data_stats = build_data(spec, rank, world_size)
+    if rank == 0:
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+        if data_stats.get("skipped_lines"):
+            print(f"[tcd-ds] skipped {data_stats['skipped_lines']} undecodable line(s) in data.train")
+
+    torch.manual_seed(spec.seed + rank)  # distinct experts per rank; DeepSpeed broadcasts the shared weights
+    model = build_model(spec.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    optimizer = build_optimizer(moe_param_groups(model, spec.optim.weight_decay), spec.optim, accelerator.device_name())
+    scheduler = build_scheduler(optimizer, spec.optim, spec.train.steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, world_size)
+    )
+    distillation = None
+    if spec.distill is not None:
+        from tcd_ds.distill.distillation import Distillation
+
+        distillation = Distillation.build(spec, model, tokenizer, engine.device, rank)
+    step_engine = DistillationEngine(engine, spec, distillation)
+
+    start = checkpoint.resume(engine, run_dir).get("step", 0)
+    end = min(spec.train.steps, spec.train.stop_after or spec.train.steps)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start) if rank == 0 else None
+    if rank == 0 and start:
+        print(f"[tcd-ds] resumed from {checkpoint.checkpoint_dir(run_dir) / checkpoint.tag_for(start)}")
+    tokens_per_step = spec.train.global_batch_size * spec.data.seq_len
+    progress = tqdm(total=end, initial=start, disable=rank != 0 or not spec.logging.progress_bar, desc="train")
+    window, window_start, last_saved = [], time.perf_counter(), start
+
+    for step in range(start, end):
+        seed_step(spec.seed, step, rank)
+        window.append(step_engine.step(train_batches.micro_batches(step), step))
+        done = step + 1
+        log_now, eval_now = done % spec.logging.every == 0 or done == end, done % spec.train.eval_every == 0
+        if log_now or eval_now:
+            record = {"step": done, **pooled_mean(window), "lr": scheduler.get_last_lr()[0]}
+            record["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+            record["tokens_per_s"] = tokens_per_step * len(window) / (time.perf_counter() - window_start)
+            if spec.model.moe is not None:
+                record.update(expert_load(model))
+            if eval_now or done == end:
+                record.update(evaluate(engine, val_batches))
+            if metrics:
+                metrics.write(record)
+            progress.set_postfix(loss=f"{record['loss/mlm']:.3f}")
+            window, window_start = [], time.perf_counter()
+        progress.update(1)
+        if done % spec.checkpoint.every == 0 or done == end:
+            checkpoint.save(engine, run_dir, done, spec.checkpoint.keep_last, {})
+            last_saved = done
+    progress.close()
+    if rank == 0:
+        state = "finished" if last_saved >= spec.train.steps else f"stopped at step {last_saved} (train.stop_after)"
+        print(f"[tcd-ds] {state}; run dir {run_dir}")
+    dist.barrier()
