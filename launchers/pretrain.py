@@ -11,6 +11,7 @@ import os
 import sys
 
 from tcd_ds.spec import RunSpec, SpecError, dump_spec, load_spec
+from tcd_ds.train.wandb_run import agent_overrides, agent_run_dir
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -23,6 +24,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+def refuse(spec_path: str | None, problem: Exception) -> int:
+    print(f"invalid run spec{' ' + spec_path if spec_path else ''}:", file=sys.stderr)
+    for line in str(problem).splitlines():
+        print(f"  {line}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.print_schema:
@@ -30,24 +38,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        spec = load_spec(args.spec, overrides)
+        spec = load_spec(args.spec, agent_overrides(os.environ) + overrides)
+        spec.run_dir = agent_run_dir(spec.run_dir, os.environ)
         from tcd_ds.ds_config import check_world_size, deepspeed_config
 
         check_world_size(spec, world_size)
+        if spec.distill is not None:
+            from tcd_ds.distill.teacher import check_teacher_fits_spec
+
+            check_teacher_fits_spec(spec)
     except (SpecError, ValueError) as e:
-        print(f"invalid run spec{' ' + args.spec if args.spec else ''}:", file=sys.stderr)
-        for line in str(e).splitlines():
-            print(f"  {line}", file=sys.stderr)
-        return 2
+        return refuse(args.spec, e)
     if args.dry_run:
         print("# resolved run spec")
         print(dump_spec(spec))
         print(f"# generated DeepSpeed config (world size {world_size})")
         print(json.dumps(deepspeed_config(spec, world_size), indent=2))
         return 0
+    from tcd_ds.distill.teacher import TeacherMismatch
     from tcd_ds.train.trainer import train
 
-    train(spec)
+    try:
+        train(spec)
+    except TeacherMismatch as e:  # found once the student's tokenizer exists
+        return refuse(args.spec, e)
     return 0
 
 

@@ -24,6 +24,12 @@ def check_world_size(spec: RunSpec, world_size: int) -> None:
             f"world size {world_size} is not divisible by model.moe.ep_size ({moe.ep_size}): "
             "expert-parallel groups must tile the ranks"
         )
+    distill = spec.distill
+    if distill is not None and distill.scope == "global" and distill.num_positions % world_size:
+        raise ValueError(
+            f"distill.num_positions ({distill.num_positions}) must be divisible by the world size ({world_size}) "
+            "with distill.scope: global (each rank samples num_positions / world size)"
+        )
 
 
 def deepspeed_config(spec: RunSpec, world_size: int) -> dict:

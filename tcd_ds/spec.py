@@ -132,9 +132,9 @@ class TrainSpec(Section):
     global_batch_size: PositiveInt = 32
     micro_batch_size: PositiveInt = 16
     dtype: Dtype = "fp32"
-    stop_after: PositiveInt | None = Field(
-        None, description="End this launch after this many steps (a preemption-sized chunk); the schedule is "
-        "still that of train.steps and a relaunch resumes"
+    steps_per_launch: PositiveInt | None = Field(
+        None, description="End a launch after this many steps (preemptible slots): the schedule is still that "
+        "of train.steps, and relaunching the same command trains the next chunk"
     )
     eval_every: PositiveInt = 100
     eval_batches: PositiveInt = 8

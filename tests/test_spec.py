@@ -50,14 +50,14 @@ def test_overrides_parse_by_field_type(spec_file):
     spec = load_spec(
         spec_file(),
         ["--optim.lr=3e-4", "--model.num_layers=3", "--logging.wandb.enabled=False", "--optim.betas=[0.8, 0.9]",
-         "--logging.progress_bar=0", "--train.stop_after=null", "--model.moe.num_experts=8"],
+         "--logging.progress_bar=0", "--train.steps_per_launch=null", "--model.moe.num_experts=8"],
     )
     assert spec.optim.lr == 3e-4 and isinstance(spec.optim.lr, float)
     assert spec.model.num_layers == 3
     assert spec.logging.wandb.enabled is False
     assert spec.logging.progress_bar is False
     assert spec.optim.betas == (0.8, 0.9)
-    assert spec.train.stop_after is None
+    assert spec.train.steps_per_launch is None
     assert spec.model.moe is not None and spec.model.moe.num_experts == 8
 
 

@@ -19,7 +19,7 @@ from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
 
 from tcd_ds.data.tokenizer import load_tokenizer
 from tcd_ds.models import bert_config, build_model
-from tcd_ds.spec import DistillSpec, ModelSpec
+from tcd_ds.spec import DistillSpec, ModelSpec, RunSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -88,10 +88,11 @@ def compatibility_problems(
     teacher: BertConfig,
     teacher_tokenizer: PreTrainedTokenizerBase,
     student: BertConfig,
-    student_tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase | None,
     layers_needed: int,
 ) -> list[str]:
-    """What stops the teacher's representations from lining up with the student's, one line per field."""
+    """What stops the teacher's representations from lining up with the student's, one line per field
+    (the tokenizers are compared when the student's is known)."""
     problems = [
         f"{field}: teacher has {getattr(teacher, field)}, student has {getattr(student, field)}"
         for field in ("hidden_size", "num_attention_heads", "vocab_size")
@@ -101,6 +102,8 @@ def compatibility_problems(
         problems.append(
             f"num_hidden_layers: teacher has {teacher.num_hidden_layers}, the distilled layers need {layers_needed}"
         )
+    if student_tokenizer is None:
+        return problems
     t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if t_vocab != s_vocab:
         differ = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=lambda item: item[1])
@@ -108,16 +111,38 @@ def compatibility_problems(
     return problems
 
 
+class TeacherMismatch(ValueError):
+    """The teacher cannot teach this student; the launcher reports it and exits 2."""
+
+
 def check_teacher_compatible(
-    distill: DistillSpec, student_config: BertConfig, student_tokenizer: PreTrainedTokenizerBase, layers_needed: int
+    distill: DistillSpec,
+    student_config: BertConfig,
+    student_tokenizer: PreTrainedTokenizerBase | None,
+    layers_needed: int,
 ) -> BertConfig:
     """The teacher's config, or a ValueError naming each mismatched field (the launcher exits 2 on it).
     Reads no weights."""
     config, tokenizer = teacher_config(locate_teacher(distill.teacher, distill.teacher_tag))
     problems = compatibility_problems(config, tokenizer, student_config, student_tokenizer, layers_needed)
     if problems:
-        raise ValueError(f"distill.teacher {distill.teacher} does not fit the student:\n  " + "\n  ".join(problems))
+        raise TeacherMismatch(
+            f"distill.teacher {distill.teacher} does not fit the student:\n  " + "\n  ".join(problems)
+        )
     return config
+
+
+def check_teacher_fits_spec(spec: RunSpec) -> None:
+    """The checks that the spec alone allows, before any process starts: shapes and vocabulary size (and the
+    vocabulary itself when the student's tokenizer is given by path; else it is compared once trained)."""
+    from tcd_ds.distill.taps import TapPlan
+
+    teacher = teacher_config(locate_teacher(spec.distill.teacher, spec.distill.teacher_tag))[0]
+    tokenizer = load_tokenizer(spec.data.tokenizer.path) if spec.data.tokenizer.path else None
+    vocab_size = len(tokenizer) if tokenizer else spec.data.tokenizer.vocab_size
+    student = bert_config(spec.model, vocab_size, pad_token_id=0)
+    shared = min(spec.model.num_layers, teacher.num_hidden_layers)
+    check_teacher_compatible(spec.distill, student, tokenizer, TapPlan.from_spec(spec.distill, shared).layers_needed())
 
 
 def load_weights(source: TeacherSource, config: BertConfig) -> BertForMaskedLM:

@@ -1,8 +1,9 @@
 """The MoE student: HF BERT whose chosen FFNs are DeepSpeed-MoE layers.
 
-Module paths mirror `BertForMaskedLM` exactly, so one hook path serves teacher and student: in an MoE layer
-`layer.intermediate` is an identity and `layer.output.dense` is the whole MoE FFN (H -> H), after which
-`BertOutput` still applies dropout, the residual add and LayerNorm.
+The config, the layer layout and `forward` are the DeepSpeed-free model's (tcd_ds/hf/modeling_moe_bert.py,
+which a converted checkpoint loads into). Module paths mirror `BertForMaskedLM` exactly, so one hook path
+serves teacher and student: in an MoE layer `layer.intermediate` is an identity and `layer.output.dense` is
+the whole MoE FFN (H -> H), after which `BertOutput` still applies dropout, the residual add and LayerNorm.
 
 Parameter names in MoE layer i (j a local expert; its global id is ep_rank * num_experts / ep_size + j):
   bert.encoder.layer.{i}.output.dense.deepspeed_moe.gate.wg.weight                              [E, H]
@@ -20,52 +21,16 @@ broadcasts the shared weights from rank 0 and each expert from its expert-data-p
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
-from huggingface_hub.dataclasses import strict
-from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM
-from transformers.modeling_outputs import MaskedLMOutput
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForMaskedLM
 
+from tcd_ds.hf import modeling_moe_bert as plain
+from tcd_ds.hf.modeling_moe_bert import ExpertFFN, MoEBertConfig
 from tcd_ds.models.bert import bert_kwargs
 from tcd_ds.spec import ModelSpec
-
-
-@strict
-class MoEBertConfig(BertConfig):
-    """BertConfig plus the MoE layout and routing; `ep_size` only shapes a training-time model (a converted
-    HF directory has ep_size 1: every expert local)."""
-
-    model_type = "moe_bert"
-    moe_layers: list[int] | None = None
-    num_experts: int = 4
-    ep_size: int = 1
-    capacity_factor: float | int = 1.0
-    eval_capacity_factor: float | int = 1.0
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    noisy_gate_policy: Literal["Jitter", "RSample"] | None = None
-    balance_loss: Literal["switch", "kl_uniform"] = "switch"
-    balance_weight: float | int = 0.01
-
-    def __post_init__(self, **kwargs):
-        self.moe_layers = [] if self.moe_layers is None else list(self.moe_layers)
-        super().__post_init__(**kwargs)
-
-
-class ExpertFFN(nn.Module):
-    """One expert: BERT's FFN without its residual (dense_in = intermediate.dense, dense_out = output.dense)."""
-
-    def __init__(self, config: MoEBertConfig):
-        super().__init__()
-        self.dense_in = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.dense_out = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dense_out(F.gelu(self.dense_in(x)))
 
 
 class MoEFeedForward(MoE):
@@ -121,19 +86,12 @@ class MoEFeedForward(MoE):
         return torch.xlogy(mean, mean * self.num_experts).sum()
 
 
-class MoEBertForMaskedLM(BertForMaskedLM):
-    """`BertForMaskedLM` with `config.moe_layers` turned into MoE layers; `loss` is the MLM loss only."""
+class MoEBertForMaskedLM(plain.MoEBertForMaskedLM):
+    """The training class: the plain model's layout (tcd_ds/hf/modeling_moe_bert.py) with DeepSpeed-MoE FFNs,
+    which bring expert parallelism, DeepSpeed's gate and the per-layer balance loss and expert counts."""
 
-    config_class = MoEBertConfig
-    config: MoEBertConfig
-
-    def __init__(self, config: MoEBertConfig):
-        super().__init__(config)
-        for i in config.moe_layers:
-            layer = self.bert.encoder.layer[i]
-            layer.intermediate = nn.Identity()
-            layer.output.dense = MoEFeedForward(config)
-        self.post_init()  # HF-initialises the new gate and expert weights, each expert by its own draw
+    def moe_ffn(self, config: MoEBertConfig) -> MoEFeedForward:
+        return MoEFeedForward(config)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> MoEBertForMaskedLM:
@@ -145,21 +103,6 @@ class MoEBertForMaskedLM(BertForMaskedLM):
                 p.allreduce = False
                 p.group_name = block.expert_group_name
         return model
-
-    def moe_blocks(self) -> dict[int, MoEFeedForward]:
-        return {i: self.bert.encoder.layer[i].output.dense for i in self.config.moe_layers}
-
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput:
-        token_mask = None if attention_mask is None else attention_mask.reshape(-1).long()
-        for block in self.moe_blocks().values():
-            block.token_mask = token_mask
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def balance_loss(self) -> Tensor:
         """Mean over MoE layers of the last forward's load-balancing loss (unweighted: the trainer weighs it)."""

@@ -23,6 +23,8 @@ from tcd_ds.train import checkpoint
 from tcd_ds.train.engine import DistillationEngine
 from tcd_ds.train.metrics import MetricsLog
 from tcd_ds.train.optim import build_optimizer, build_scheduler
+from tcd_ds.train.stop import StopRequest
+from tcd_ds.train.wandb_run import open_wandb
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -103,72 +105,98 @@ def pooled_mean(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     return {f"loss/{n}": v for n, v in zip(names, means.tolist())}
 
 
+class Trainer:
+    """A run's components, built from the spec in data-flow order; `fit()` runs the loop."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        accelerator = get_accelerator()
+        deepspeed.init_distributed(
+            dist_backend=accelerator.communication_backend_name(),
+            timeout=timedelta(minutes=spec.parallel.timeout_minutes),
+            verbose=False,
+        )
+        self.rank, world_size = dist.get_rank(), dist.get_world_size()
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        self.run_dir = Path(spec.run_dir)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "spec.yaml").write_text(dump_spec(spec))
+
+        self.tokenizer, self.train_batches, self.val_batches, data_stats = build_data(spec, self.rank, world_size)
+        if self.rank == 0:
+            self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+            if data_stats.get("skipped_lines"):
+                print(f"[tcd-ds] skipped {data_stats['skipped_lines']} undecodable line(s) in data.train")
+
+        torch.manual_seed(spec.seed + self.rank)  # distinct experts per rank; DeepSpeed broadcasts shared weights
+        self.model = build_model(spec.model, vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id)
+        optimizer = build_optimizer(
+            moe_param_groups(self.model, spec.optim.weight_decay), spec.optim, accelerator.device_name()
+        )
+        self.scheduler = build_scheduler(optimizer, spec.optim, spec.train.steps)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=self.scheduler,
+            config=deepspeed_config(spec, world_size),
+        )
+        self.distillation = None
+        if spec.distill is not None:
+            from tcd_ds.distill.distillation import Distillation
+
+            self.distillation = Distillation.build(spec, self.model, self.tokenizer, self.engine.device, self.rank)
+        self.step_engine = DistillationEngine(self.engine, spec, self.distillation)
+        resumed = checkpoint.resume(self.engine, self.run_dir)
+        self.start_step = resumed.get("step", 0)
+        self.wandb = open_wandb(spec, resumed.get("wandb_run_id")) if self.rank == 0 else None
+
+    def fit(self) -> None:
+        spec, rank, engine = self.spec, self.rank, self.engine
+        start = self.start_step
+        end = min(spec.train.steps, start + (spec.train.steps_per_launch or spec.train.steps))
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", start) if rank == 0 else None
+        if rank == 0 and start:
+            print(f"[tcd-ds] resumed from {checkpoint.checkpoint_dir(self.run_dir) / checkpoint.tag_for(start)}")
+        tokens_per_step = spec.train.global_batch_size * spec.data.seq_len
+        progress = tqdm(total=end, initial=start, disable=rank != 0 or not spec.logging.progress_bar, desc="train")
+        window, window_start, last_saved = [], time.perf_counter(), start
+        stop = StopRequest()
+
+        for step in range(start, end):
+            seed_step(spec.seed, step, rank)
+            window.append(self.step_engine.step(self.train_batches.micro_batches(step), step))
+            done = step + 1
+            log_now, eval_now = done % spec.logging.every == 0 or done == end, done % spec.train.eval_every == 0
+            if log_now or eval_now:
+                record = {"step": done, **pooled_mean(window), "lr": self.scheduler.get_last_lr()[0]}
+                record["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+                record["tokens_per_s"] = tokens_per_step * len(window) / (time.perf_counter() - window_start)
+                if spec.model.moe is not None:
+                    record.update(expert_load(self.model))
+                if eval_now or done == end:
+                    record.update(evaluate(engine, self.val_batches))
+                if metrics:
+                    metrics.write(record)
+                if self.wandb:
+                    self.wandb.write(record)
+                progress.set_postfix(loss=f"{record['loss/mlm']:.3f}")
+                window, window_start = [], time.perf_counter()
+            progress.update(1)
+            if done % spec.checkpoint.every == 0 or done == end:
+                wandb_state = {"wandb_run_id": self.wandb.run_id} if self.wandb else {}
+                checkpoint.save(engine, self.run_dir, done, spec.checkpoint.keep_last, wandb_state)
+                last_saved = done
+            if stop.agreed(engine.device):  # SIGTERM or a dead runner, on any rank: all stop here, between saves
+                break
+        progress.close()
+        if rank == 0:
+            finished = last_saved >= spec.train.steps
+            why = f"{stop.reason}; resumes from it" if stop.reason else "train.steps_per_launch"
+            print(f"[tcd-ds] {'finished' if finished else f'stopped; last checkpoint step {last_saved} ({why})'}; "
+                  f"run dir {self.run_dir}")
+        if self.wandb:
+            self.wandb.finish()
+        dist.barrier()
+
+
 def train(spec: RunSpec) -> None:
-    accelerator = get_accelerator()
-    deepspeed.init_distributed(
-        dist_backend=accelerator.communication_backend_name(),
-        timeout=timedelta(minutes=spec.parallel.timeout_minutes),
-        verbose=False,
-    )
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    run_dir = Path(spec.run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "spec.yaml").write_text(dump_spec(spec))
-
-    tokenizer, train_batches, val_batches, data_stats = build_data(spec, rank, world_size)
-    if rank == 0:
-        tokenizer.save_pretrained(run_dir / "tokenizer")
-        if data_stats.get("skipped_lines"):
-            print(f"[tcd-ds] skipped {data_stats['skipped_lines']} undecodable line(s) in data.train")
-
-    torch.manual_seed(spec.seed + rank)  # distinct experts per rank; DeepSpeed broadcasts the shared weights
-    model = build_model(spec.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    optimizer = build_optimizer(moe_param_groups(model, spec.optim.weight_decay), spec.optim, accelerator.device_name())
-    scheduler = build_scheduler(optimizer, spec.optim, spec.train.steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, world_size)
-    )
-    distillation = None
-    if spec.distill is not None:
-        from tcd_ds.distill.distillation import Distillation
-
-        distillation = Distillation.build(spec, model, tokenizer, engine.device, rank)
-    step_engine = DistillationEngine(engine, spec, distillation)
-
-    start = checkpoint.resume(engine, run_dir).get("step", 0)
-    end = min(spec.train.steps, spec.train.stop_after or spec.train.steps)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start) if rank == 0 else None
-    if rank == 0 and start:
-        print(f"[tcd-ds] resumed from {checkpoint.checkpoint_dir(run_dir) / checkpoint.tag_for(start)}")
-    tokens_per_step = spec.train.global_batch_size * spec.data.seq_len
-    progress = tqdm(total=end, initial=start, disable=rank != 0 or not spec.logging.progress_bar, desc="train")
-    window, window_start, last_saved = [], time.perf_counter(), start
-
-    for step in range(start, end):
-        seed_step(spec.seed, step, rank)
-        window.append(step_engine.step(train_batches.micro_batches(step), step))
-        done = step + 1
-        log_now, eval_now = done % spec.logging.every == 0 or done == end, done % spec.train.eval_every == 0
-        if log_now or eval_now:
-            record = {"step": done, **pooled_mean(window), "lr": scheduler.get_last_lr()[0]}
-            record["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
-            record["tokens_per_s"] = tokens_per_step * len(window) / (time.perf_counter() - window_start)
-            if spec.model.moe is not None:
-                record.update(expert_load(model))
-            if eval_now or done == end:
-                record.update(evaluate(engine, val_batches))
-            if metrics:
-                metrics.write(record)
-            progress.set_postfix(loss=f"{record['loss/mlm']:.3f}")
-            window, window_start = [], time.perf_counter()
-        progress.update(1)
-        if done % spec.checkpoint.every == 0 or done == end:
-            checkpoint.save(engine, run_dir, done, spec.checkpoint.keep_last, {})
-            last_saved = done
-    progress.close()
-    if rank == 0:
-        state = "finished" if last_saved >= spec.train.steps else f"stopped at step {last_saved} (train.stop_after)"
-        print(f"[tcd-ds] {state}; run dir {run_dir}")
-    dist.barrier()
+    Trainer(spec).fit()

@@ -1,0 +1,200 @@
+"""MoE BERT in plain PyTorch: the student's architecture for inference and fine-tuning, without DeepSpeed.
+
+Self-contained (torch and transformers only): the converter ships this file in every converted student
+directory, where `trust_remote_code=True` loads it. With our package installed, `import tcd_ds.hf` registers
+the classes with `AutoConfig` / `AutoModelForMaskedLM` instead. The DeepSpeed-backed training class
+(`tcd_ds.models.moe_bert`) subclasses `MoEBertForMaskedLM` and swaps in DeepSpeed-MoE FFNs.
+
+Module paths are DeepSpeed-MoE's with every expert local (`output.dense.deepspeed_moe.gate.wg`,
+`output.dense.deepspeed_moe.experts.deepspeed_experts.{e}`, e the global expert id), so one
+`model.safetensors` loads into this class and into the training class.
+
+Routing is DeepSpeed's top-1 gate (`deepspeed.moe.sharded_moe.top1gating`) written out:
+- logits = x @ wg.T in fp32; probs = softmax(logits); each real token goes to its argmax expert and its
+  output is probs[expert] * expert(x). Padding (attention_mask 0) goes to no expert and gets output 0.
+- Capacity per expert = max(ceil(S / E * factor), min_capacity), computed in fp32 as DeepSpeed does, where
+  S counts every position of the call (padding included) and factor is `capacity_factor` in training and
+  `eval_capacity_factor` in eval. `drop_tokens=False` means unlimited capacity.
+- An expert keeps at most `capacity` of its tokens; the others get MoE output 0 (the residual carries them).
+  DeepSpeed picks the kept tokens at random (Random Token Selection) in training and in eval alike. Here
+  training does the same, while eval keeps each expert's first `capacity` tokens in batch order (row-major
+  over [batch, position]), so that eval outputs are deterministic. Where no expert overflows, the two agree.
+  DeepSpeed computes capacity per rank's micro-batch: to reproduce a training-time evaluation that dropped
+  tokens, call the model with one rank's micro-batch.
+- Noise (`noisy_gate_policy`) applies in training only, as in DeepSpeed: `Jitter` scales the gate input by
+  U(0.99, 1.01), `RSample` adds Gumbel noise to the logits that pick the expert.
+- Unlike DeepSpeed, a call with fewer tokens than `min_capacity` is allowed (everything fits), and no
+  load-balancing loss is computed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import Tensor, nn
+from transformers import BertConfig, BertForMaskedLM
+from transformers.modeling_outputs import MaskedLMOutput
+
+JITTER = 1e-2  # DeepSpeed's multiplicative_jitter epsilon
+
+
+@strict
+class MoEBertConfig(BertConfig):
+    """BertConfig plus the MoE layout and routing; `ep_size` only shapes a training-time model (a converted
+    HF directory has ep_size 1: every expert local)."""
+
+    model_type = "moe_bert"
+    moe_layers: list[int] | None = None
+    num_experts: int = 4
+    ep_size: int = 1
+    capacity_factor: float | int = 1.0
+    eval_capacity_factor: float | int = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    noisy_gate_policy: Literal["Jitter", "RSample"] | None = None
+    balance_loss: Literal["switch", "kl_uniform"] = "switch"
+    balance_weight: float | int = 0.01
+
+    def __post_init__(self, **kwargs):
+        self.moe_layers = [] if self.moe_layers is None else list(self.moe_layers)
+        super().__post_init__(**kwargs)
+
+
+class ExpertFFN(nn.Module):
+    """One expert: BERT's FFN without its residual (dense_in = intermediate.dense, dense_out = output.dense)."""
+
+    def __init__(self, config: MoEBertConfig):
+        super().__init__()
+        self.dense_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_out = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense_out(F.gelu(self.dense_in(x)))
+
+
+class Top1Gate(nn.Module):
+    """Which expert each token goes to, with what weight, and whether it fits in that expert's capacity."""
+
+    def __init__(self, config: MoEBertConfig):
+        super().__init__()
+        self.wg = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+        self.min_capacity = config.min_capacity
+        self.drop_tokens = config.drop_tokens
+        self.noisy_gate_policy = config.noisy_gate_policy
+
+    def capacity(self, num_tokens: int) -> int:
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        # DeepSpeed multiplies by a float32 tensor, so the product (and its ceiling) is float32's.
+        scaled = num_tokens / self.wg.out_features * torch.tensor(factor, dtype=torch.float32)
+        return max(int(torch.ceil(scaled)), self.min_capacity)
+
+    def forward(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """x [S, H] -> expert [S] (long), weight [S] (fp32 prob of that expert), kept [S] (bool)."""
+        x = x.float()
+        if self.training and self.noisy_gate_policy == "Jitter":
+            x = x * torch.empty_like(x).uniform_(1.0 - JITTER, 1.0 + JITTER)
+        logits = F.linear(x, self.wg.weight.float())
+        probs = logits.softmax(dim=-1)
+        if self.training and self.noisy_gate_policy == "RSample":
+            expert = (logits - torch.log(-torch.log(torch.rand_like(logits)))).argmax(dim=-1)
+        else:
+            expert = probs.argmax(dim=-1)
+        kept = torch.ones_like(expert, dtype=torch.bool) if token_mask is None else token_mask.bool()
+        if self.drop_tokens:
+            kept = kept & self.within_capacity(expert, kept)
+        return expert, probs.gather(1, expert[:, None]).squeeze(1), kept
+
+    def within_capacity(self, expert: Tensor, routed: Tensor) -> Tensor:
+        """Whether each token is among the first `capacity` routed tokens of its expert, in batch order (eval)
+        or in a random order (training: DeepSpeed's Random Token Selection)."""
+        num_tokens = expert.shape[0]
+        if self.training:
+            order = torch.randperm(num_tokens, device=expert.device)
+        else:
+            order = torch.arange(num_tokens, device=expert.device)
+        one_hot = F.one_hot(expert[order], self.wg.out_features) * routed[order, None]
+        rank_in_expert = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # -1 for tokens not routed
+        fits = torch.empty_like(routed)
+        fits[order] = rank_in_expert < self.capacity(num_tokens)
+        return fits
+
+
+class Experts(nn.Module):
+    """All experts of one layer, indexed by global expert id."""
+
+    def __init__(self, config: MoEBertConfig):
+        super().__init__()
+        self.deepspeed_experts = nn.ModuleList(ExpertFFN(config) for _ in range(config.num_experts))
+
+
+class Top1MoE(nn.Module):
+    """Gate, then each kept token through its expert, scaled by its gate probability: [S, H] -> [S, H]."""
+
+    def __init__(self, config: MoEBertConfig):
+        super().__init__()
+        self.gate = Top1Gate(config)
+        self.experts = Experts(config)
+
+    def forward(self, x: Tensor, token_mask: Tensor | None) -> Tensor:
+        expert, weight, kept = self.gate(x, token_mask)
+        out = torch.zeros_like(x)
+        for e, ffn in enumerate(self.experts.deepspeed_experts):
+            tokens = torch.nonzero(kept & (expert == e)).squeeze(1)
+            routed = weight[tokens, None] * ffn(x[tokens]).float()  # combined in fp32, as DeepSpeed does
+            out = out.index_add(0, tokens, routed.to(x.dtype))
+        return out
+
+
+class MoEFeedForward(nn.Module):
+    """The MoE FFN as BERT's `output.dense` ([B, T, H] -> [B, T, H]). `token_mask` ([B*T], 1 for real tokens)
+    is set by `MoEBertForMaskedLM.forward`."""
+
+    def __init__(self, config: MoEBertConfig):
+        super().__init__()
+        self.deepspeed_moe = Top1MoE(config)
+        self.token_mask: Tensor | None = None
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return self.deepspeed_moe(flat, self.token_mask).reshape(hidden_states.shape)
+
+
+class MoEBertForMaskedLM(BertForMaskedLM):
+    """`BertForMaskedLM` with `config.moe_layers` turned into MoE layers: in an MoE layer `layer.intermediate`
+    is an identity and `layer.output.dense` the whole MoE FFN (H -> H), after which `BertOutput` still applies
+    dropout, the residual add and LayerNorm. `loss` is the MLM loss only."""
+
+    config_class = MoEBertConfig
+    config: MoEBertConfig
+
+    def __init__(self, config: MoEBertConfig):
+        super().__init__(config)
+        for i in config.moe_layers:
+            layer = self.bert.encoder.layer[i]
+            layer.intermediate = nn.Identity()
+            layer.output.dense = self.moe_ffn(config)
+        self.post_init()  # HF-initialises the new gate and expert weights, each expert by its own draw
+
+    def moe_ffn(self, config: MoEBertConfig) -> nn.Module:
+        """The module that becomes `output.dense` in an MoE layer (the training class returns DeepSpeed's)."""
+        return MoEFeedForward(config)
+
+    def moe_blocks(self) -> dict[int, nn.Module]:
+        return {i: self.bert.encoder.layer[i].output.dense for i in self.config.moe_layers}
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        token_mask = None if attention_mask is None else attention_mask.reshape(-1).long()
+        for block in self.moe_blocks().values():
+            block.token_mask = token_mask
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
