@@ -56,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(deepspeed_config(spec, world_size), indent=2))
         return 0
     from tcd_ds.distill.teacher import TeacherMismatch
-    from tcd_ds.train.trainer import train
+    from tcd_ds.train.trainer import NonFiniteTraining, train
 
     try:
         train(spec)
     except TeacherMismatch as e:  # found once the student's tokenizer exists
         return refuse(args.spec, e)
+    except NonFiniteTraining as e:
+        print(f"[tcd-ds] {e}", file=sys.stderr)
+        return 3
     return 0
 
 

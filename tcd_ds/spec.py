@@ -136,6 +136,10 @@ class TrainSpec(Section):
         None, description="End a launch after this many steps (preemptible slots): the schedule is still that "
         "of train.steps, and relaunching the same command trains the next chunk"
     )
+    max_skipped_steps: PositiveInt = Field(
+        5, description="Consecutive steps with a non-finite loss or gradient (skipped, not applied) after which "
+        "the run stops; the last good checkpoint is kept"
+    )
     eval_every: PositiveInt = 100
     eval_batches: PositiveInt = 8
 

@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from tcd_ds.train.metrics import read_metrics
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -23,14 +26,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(spec: str | Path, *overrides: str, ranks: int = 2, cwd: Path = REPO, timeout: int = 600, check=True):
-    """Run launchers/pretrain.py exactly as a user does: through the `deepspeed` launcher."""
-    cmd = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+def launch_command(spec: str | Path, *overrides: str, ranks: int = 2, runner_args: tuple[str, ...] = ()) -> list[str]:
+    """launchers/pretrain.py exactly as a user runs it: through the `deepspeed` runner."""
+    if not any(a.startswith("--master_port") for a in runner_args):
+        runner_args = (*runner_args, "--master_port", str(free_port()))
+    if not any(a.startswith("--hostfile") for a in runner_args):
+        runner_args = ("--num_gpus", str(ranks), *runner_args)
+    return [
+        sys.executable, "-m", "deepspeed.launcher.runner", *runner_args,
         str(REPO / "launchers" / "pretrain.py"), "--spec", str(spec), *overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch(spec: str | Path, *overrides: str, ranks: int = 2, cwd: Path = REPO, timeout: int = 600, check=True):
+    cmd = launch_command(spec, *overrides, ranks=ranks)
+    proc = subprocess.run(cmd, cwd=cwd, env=LAUNCH_ENV, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -40,3 +53,50 @@ def launch(spec: str | Path, *overrides: str, ranks: int = 2, cwd: Path = REPO, 
 def cache_dir(tmp_path_factory) -> Path:
     """One tokenizer/data cache for the whole session: the bundled corpus is tokenized once."""
     return tmp_path_factory.mktemp("cache")
+
+
+# Tiny runs shared by the end-to-end tests: each launch costs seconds, so a session makes each once.
+TEACHER = REPO / "ds_configs" / "teacher_tiny.yaml"
+STUDENT_MOE = REPO / "ds_configs" / "student_tiny_moe.yaml"
+STUDENT_TCD = REPO / "ds_configs" / "student_tiny_tcd.yaml"
+LOSSES = ("loss/mlm", "loss/balance", "loss/trunk", "loss/residual_inner", "loss/attention", "loss/total")
+
+
+def fast(run_dir: Path, cache_dir: Path, steps: int = 8) -> list[str]:
+    return [
+        f"--run_dir={run_dir}", f"--data.cache_dir={cache_dir}", f"--train.steps={steps}", "--logging.every=1",
+        "--train.eval_every=4", "--checkpoint.every=4", "--logging.progress_bar=False",
+    ]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every module tensor of the latest checkpoint: shared weights and each expert file."""
+    ckpt = run_dir / "checkpoints"
+    tag_dir = ckpt / (ckpt / "latest").read_text().strip()
+    weights = {}
+    for path in sorted(tag_dir.glob("*model_states.pt")):
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        for name, tensor in state.get("module", state).items():  # expert files hold a bare state dict
+            weights[f"{path.name}:{name}"] = tensor
+    return weights
+
+
+def losses_by_step(run_dir: Path) -> dict[int, dict[str, float]]:
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith(("loss/", "val/"))} for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory, cache_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("teacher")
+    launch(TEACHER, *fast(run_dir, cache_dir, steps=12), "--checkpoint.keep_last=2")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tcd_run(tmp_path_factory, cache_dir, teacher_run) -> Path:
+    run_dir = tmp_path_factory.mktemp("tcd")
+    launch(STUDENT_TCD, *fast(run_dir, cache_dir), f"--distill.teacher={teacher_run}")
+    return run_dir
+
+
+

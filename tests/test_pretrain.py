@@ -10,50 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import REPO, launch
+from conftest import LOSSES, REPO, STUDENT_MOE, STUDENT_TCD, TEACHER, fast, final_weights, launch, losses_by_step
 from tcd_ds.train.metrics import read_metrics
-
-TEACHER = REPO / "ds_configs" / "teacher_tiny.yaml"
-STUDENT_MOE = REPO / "ds_configs" / "student_tiny_moe.yaml"
-STUDENT_TCD = REPO / "ds_configs" / "student_tiny_tcd.yaml"
-LOSSES = ("loss/mlm", "loss/balance", "loss/trunk", "loss/residual_inner", "loss/attention", "loss/total")
-
-
-def fast(run_dir: Path, cache_dir: Path, steps: int = 8) -> list[str]:
-    return [
-        f"--run_dir={run_dir}", f"--data.cache_dir={cache_dir}", f"--train.steps={steps}", "--logging.every=1",
-        "--train.eval_every=4", "--checkpoint.every=4", "--logging.progress_bar=False",
-    ]
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Every module tensor of the latest checkpoint: shared weights and each expert file."""
-    ckpt = run_dir / "checkpoints"
-    tag_dir = ckpt / (ckpt / "latest").read_text().strip()
-    weights = {}
-    for path in sorted(tag_dir.glob("*model_states.pt")):
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        for name, tensor in state.get("module", state).items():  # expert files hold a bare state dict
-            weights[f"{path.name}:{name}"] = tensor
-    return weights
-
-
-def losses_by_step(run_dir: Path) -> dict[int, dict[str, float]]:
-    return {r["step"]: {k: v for k, v in r.items() if k.startswith(("loss/", "val/"))} for r in read_metrics(run_dir / "metrics.jsonl")}
-
-
-@pytest.fixture(scope="session")
-def teacher_run(tmp_path_factory, cache_dir) -> Path:
-    run_dir = tmp_path_factory.mktemp("teacher")
-    launch(TEACHER, *fast(run_dir, cache_dir, steps=12), "--checkpoint.keep_last=2")
-    return run_dir
-
-
-@pytest.fixture(scope="session")
-def tcd_run(tmp_path_factory, cache_dir, teacher_run) -> Path:
-    run_dir = tmp_path_factory.mktemp("tcd")
-    launch(STUDENT_TCD, *fast(run_dir, cache_dir), f"--distill.teacher={teacher_run}")
-    return run_dir
 
 
 def test_teacher_run_trains_logs_and_checkpoints(teacher_run):

@@ -4,14 +4,13 @@ latest checkpoint is complete, and the same command resumes from it and continue
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 
-from conftest import REPO, free_port, launch
+from conftest import LAUNCH_ENV, REPO, launch_command
 from tcd_ds.train.metrics import read_metrics
-from test_wandb import read_wandb_records
+from test_wandb import launch_with_env, read_wandb_records
 
 TEACHER = REPO / "ds_configs" / "teacher_tiny.yaml"
 
@@ -35,25 +34,20 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def test_sigterm_to_runner_leaves_no_rank_and_a_resumable_checkpoint(tmp_path, cache_dir, monkeypatch):
+def test_sigterm_to_runner_leaves_no_rank_and_a_resumable_checkpoint(tmp_path, cache_dir):
     run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb_dir"
     wandb_dir.mkdir()
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    wandb_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)}
     args = [
         f"--run_dir={run_dir}", f"--data.cache_dir={cache_dir}", "--train.steps=100000", "--logging.every=1",
         "--train.eval_every=100000", "--checkpoint.every=2", "--checkpoint.keep_last=2",
         "--logging.progress_bar=False", "--logging.wandb.enabled=True",
     ]
-    cmd = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-        str(REPO / "launchers" / "pretrain.py"), "--spec", str(TEACHER), *args,
-    ]
     log_path = tmp_path / "launch.log"
     with open(log_path, "w") as log:
         runner = subprocess.Popen(
-            cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            launch_command(TEACHER, *args), cwd=REPO, env={**LAUNCH_ENV, **wandb_env}, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
     metrics = run_dir / "metrics.jsonl"
     try:
@@ -71,7 +65,7 @@ def test_sigterm_to_runner_leaves_no_rank_and_a_resumable_checkpoint(tmp_path, c
         if alive([p for p in psutil.process_iter() if _in_group(p, runner.pid)]):
             os.killpg(runner.pid, signal.SIGKILL)
     text = log_path.read_text()
-    assert "[tcd-ds] stopped; last checkpoint step" in text  # rank 0 left the loop on the stop request
+    assert "[tcd-ds] stopped (" in text  # rank 0 left the loop on the stop request
 
     # `latest` names a tag with every rank's files, at or before the last logged step
     ckpt = run_dir / "checkpoints"
@@ -79,12 +73,12 @@ def test_sigterm_to_runner_leaves_no_rank_and_a_resumable_checkpoint(tmp_path, c
     saved = int(tag.removeprefix("step_"))
     files = {p.name for p in (ckpt / tag).iterdir()}
     assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt", "manifest.json"} <= files
     logged = [r["step"] for r in read_metrics(metrics)]
     assert saved >= 2 and saved % 2 == 0 and saved <= logged[-1]
 
     # the same command resumes from it (two more steps this launch) and continues the same W&B run
-    proc = launch(TEACHER, *args, "--train.steps_per_launch=2")
+    proc = launch_with_env(wandb_env, TEACHER, *args, "--train.steps_per_launch=2")
     assert f"resumed from {ckpt / tag}" in proc.stdout
     assert [r["step"] for r in read_metrics(metrics)] == list(range(1, saved + 3))
     runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))

@@ -4,6 +4,7 @@ and no API key anywhere; what `wandb agent` hands a trial (its ${args}, its para
 import importlib.util
 import json
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from wandb.proto import wandb_internal_pb2
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 from wandb.sdk.lib.config_util import save_config_file_from_dict
 
-from conftest import REPO, launch
+from conftest import LAUNCH_ENV, REPO, launch_command
 from tcd_ds.spec import load_spec
 from tcd_ds.train.metrics import read_metrics
 from tcd_ds.train.wandb_run import agent_overrides
@@ -48,6 +49,14 @@ def read_wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+def launch_with_env(env: dict[str, str], spec: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """conftest's launch, with W&B's environment variables added."""
+    proc = subprocess.run(launch_command(spec, *overrides), cwd=REPO, env={**LAUNCH_ENV, **env},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
 def history_rows(records) -> list[dict]:
     rows = []
     for r in records:
@@ -61,15 +70,12 @@ def wandb_run(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("wandb")
     run_dir, wandb_dir = tmp / "run", tmp / "wandb_dir"
     wandb_dir.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("WANDB_DIR", str(wandb_dir))
-        mp.setenv("WANDB_API_KEY", SECRET)
-        proc = launch(
-            TEACHER, f"--run_dir={run_dir}", f"--data.cache_dir={cache_dir}", "--train.steps=4", "--logging.every=2",
-            "--train.eval_every=4", "--checkpoint.every=2", "--logging.progress_bar=False",
-            "--logging.wandb.enabled=True", "--logging.wandb.tags=[tiny, test]", "--logging.wandb.group=g1",
-        )
+    proc = launch_with_env(
+        {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": SECRET},
+        TEACHER, f"--run_dir={run_dir}", f"--data.cache_dir={cache_dir}", "--train.steps=4", "--logging.every=2",
+        "--train.eval_every=4", "--checkpoint.every=2", "--logging.progress_bar=False",
+        "--logging.wandb.enabled=True", "--logging.wandb.tags=[tiny, test]", "--logging.wandb.group=g1",
+    )
     return run_dir, wandb_dir, proc
 
 

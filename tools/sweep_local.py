@@ -106,7 +106,7 @@ def wait_for_group(pgid: int) -> None:
         time.sleep(0.5)
 
 
-def run_trial(sweep: dict, name: str, config: dict, trial_dir: Path, finished: list[SweepRun]) -> SweepRun:
+def run_trial(sweep: dict, name: str, config: dict, trial_dir: Path, previous: list[SweepRun]) -> SweepRun:
     params = {key: plain(entry["value"]) for key, entry in config.items()}
     trial_dir.mkdir(parents=True)
     param_file = trial_dir / "sweep_params.yaml"
@@ -125,7 +125,7 @@ def run_trial(sweep: dict, name: str, config: dict, trial_dir: Path, finished: l
                 time.sleep(POLL_S)
                 if hyperband and not stopped and proc.poll() is None:
                     running = sweep_run(name, config, RunState.running, read_records(metrics))
-                    if any(run.name == name for run in stop_runs(sweep, finished + [running])):
+                    if any(run.name == name for run in stop_runs(sweep, previous + [running])):
                         print(f"[sweep] {name}: hyperband stops it", flush=True)
                         proc.send_signal(signal.SIGTERM)
                         stopped = True

@@ -56,12 +56,17 @@ class MLMBatches:
         self.seed = seed
         self.mask_prob = mask_prob
         self._permutations: dict[int, torch.Tensor] = {}
+        self.first_sample = 0  # where step 0 starts in the stream; moved on an elastic resume (consumed samples)
 
     def micro_batches(self, step: int) -> list[Batch]:
         """This rank's `grad_accum` micro-batches of training step `step` (0-based)."""
         batches = []
         for micro_step in range(self.grad_accum):
-            first = step * self.global_batch_size + (micro_step * self.world_size + self.rank) * self.micro_batch_size
+            first = (
+                self.first_sample
+                + step * self.global_batch_size
+                + (micro_step * self.world_size + self.rank) * self.micro_batch_size
+            )
             samples = range(first, first + self.micro_batch_size)
             blocks = [self._block_of(n) for n in samples]
             batches.append(

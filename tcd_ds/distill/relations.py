@@ -50,17 +50,20 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     s, t = unit_rows(student), unit_rows(teacher)
     diff = s @ s.transpose(-1, -2) - t @ t.transpose(-1, -2)
     n = diff.shape[-1]
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=diff.device)
-    return diff[..., off_diagonal].pow(2).mean()
+    # Zeroing the diagonal, not selecting the off-diagonal by a boolean mask, whose nonzero() waits on the device.
+    diagonal = torch.eye(n, dtype=torch.bool, device=diff.device)
+    return diff.masked_fill(diagonal, 0.0).pow(2).sum() / (diff.numel() // n * (n - 1))
 
 
 def rows_at(captures: Captures, positions: torch.Tensor) -> torch.Tensor:
-    """The sampled rows of every capture, stacked: `[K, n, H]` for K captures of `[B, T, H]`, in `captures` order."""
+    """The sampled rows of every capture, stacked: `[K, n, H]` for K captures of `[B, T, H]`, in `captures` order.
+    `positions` may be on the host (drawn from the host copy of the mask): they move to the captures' device."""
     rows = []
     for location, slots in captures.items():
         for slot, tensor in enumerate(slots):
             if tensor is None:
                 raise RuntimeError(f"no capture for {location}[{slot}]: the model did not run forward with its taps")
+            positions = positions.to(tensor.device, non_blocking=True)
             rows.append(tensor.reshape(-1, tensor.shape[-1])[positions])
     return torch.stack(rows)
 

@@ -64,7 +64,9 @@ def locate_checkpoint(path: str | Path, tag: str | None) -> Checkpoint:
         tag = latest.read_text().strip()
     if not (checkpoints / tag).is_dir():
         saved = sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) if checkpoints.is_dir() else []
-        raise ConversionError(f"unknown tag {tag!r}: {checkpoints / tag} does not exist (saved tags: {saved or 'none'})")
+        raise ConversionError(
+            f"unknown tag {tag!r}: {checkpoints / tag} does not exist (saved tags: {saved or 'none'})"
+        )
     return Checkpoint(run_dir, tag)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor, nn
 from transformers import BertConfig, BertForMaskedLM
 
 from tcd_ds.spec import ModelSpec
@@ -33,5 +34,32 @@ def bert_config(model: ModelSpec, vocab_size: int, pad_token_id: int) -> BertCon
     return BertConfig(**bert_kwargs(model, vocab_size, pad_token_id))
 
 
+class MaskedMLMHead(nn.Module):
+    """BERT's MLM head (`cls`) that, while `positions` is set (flat indices into B*T), runs at those tokens only
+    and returns `[M, V]` logits. The head (a vocabulary-wide matrix product, then a softmax in the loss) costs as
+    much as the whole encoder at small hidden sizes, and in training only the ~15% masked tokens need it; the
+    training engine sets `positions` around its forward and computes the MLM loss on the rows it gets.
+
+    It holds HF's `predictions` module itself, so parameter names, weight tying and checkpoints are those of a
+    plain `BertForMaskedLM`, and with `positions` unset it is HF's head."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.predictions = head.predictions
+        self.positions: Tensor | None = None
+
+    def forward(self, sequence_output: Tensor) -> Tensor:
+        if self.positions is not None:
+            flat = sequence_output.reshape(-1, sequence_output.shape[-1])
+            sequence_output = flat.index_select(0, self.positions)
+        return self.predictions(sequence_output)
+
+
+def with_masked_mlm_head(model: BertForMaskedLM) -> BertForMaskedLM:
+    """The training models' head (the engine relies on it); converted checkpoints get HF's own."""
+    model.cls = MaskedMLMHead(model.cls)
+    return model
+
+
 def build_dense(model: ModelSpec, vocab_size: int, pad_token_id: int) -> BertForMaskedLM:
-    return BertForMaskedLM(bert_config(model, vocab_size, pad_token_id))
+    return with_masked_mlm_head(BertForMaskedLM(bert_config(model, vocab_size, pad_token_id)))

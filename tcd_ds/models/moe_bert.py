@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM
 
 from tcd_ds.hf import modeling_moe_bert as plain
 from tcd_ds.hf.modeling_moe_bert import ExpertFFN, MoEBertConfig
-from tcd_ds.models.bert import bert_kwargs
+from tcd_ds.models.bert import bert_kwargs, with_masked_mlm_head
 from tcd_ds.spec import ModelSpec
 
 
@@ -138,4 +138,4 @@ def moe_bert_config(model: ModelSpec, vocab_size: int, pad_token_id: int) -> MoE
 
 
 def build_student(model: ModelSpec, vocab_size: int, pad_token_id: int) -> MoEBertForMaskedLM:
-    return MoEBertForMaskedLM(moe_bert_config(model, vocab_size, pad_token_id))
+    return with_masked_mlm_head(MoEBertForMaskedLM(moe_bert_config(model, vocab_size, pad_token_id)))

@@ -105,6 +105,10 @@ def pooled_mean(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     return {f"loss/{n}": v for n, v in zip(names, means.tolist())}
 
 
+class NonFiniteTraining(RuntimeError):
+    """Training diverged: too many consecutive steps were skipped for NaN/Inf."""
+
+
 class Trainer:
     """A run's components, built from the spec in data-flow order; `fit()` runs the loop."""
 
@@ -145,8 +149,15 @@ class Trainer:
 
             self.distillation = Distillation.build(spec, self.model, self.tokenizer, self.engine.device, self.rank)
         self.step_engine = DistillationEngine(self.engine, spec, self.distillation)
-        resumed = checkpoint.resume(self.engine, self.run_dir)
+        self.layout = {"world_size": world_size, "ep_size": spec.model.moe.ep_size if spec.model.moe else 1}
+        resumed = checkpoint.resume(self.engine, self.run_dir, self.layout)
         self.start_step = resumed.get("step", 0)
+        global_batch = spec.train.global_batch_size
+        consumed = resumed.get("consumed_samples", self.start_step * global_batch)
+        self.train_batches.first_sample = consumed - self.start_step * global_batch
+        if resumed.get("elastic"):
+            self.scheduler.last_epoch = self.start_step - 1
+            self.scheduler.step()  # the schedule continues where the checkpoint left it
         self.wandb = open_wandb(spec, resumed.get("wandb_run_id")) if self.rank == 0 else None
 
     def fit(self) -> None:
@@ -160,14 +171,27 @@ class Trainer:
         progress = tqdm(total=end, initial=start, disable=rank != 0 or not spec.logging.progress_bar, desc="train")
         window, window_start, last_saved = [], time.perf_counter(), start
         stop = StopRequest()
+        skipped_in_a_row = 0
 
         for step in range(start, end):
             seed_step(spec.seed, step, rank)
+            skipped_before = engine.skipped_steps
             window.append(self.step_engine.step(self.train_batches.micro_batches(step), step))
             done = step + 1
+            # DeepSpeed's ZeRO optimizer skips a step whose gradient norm is NaN/Inf (the same verdict on every
+            # rank); we count them, and stop when they do not recover.
+            skipped_in_a_row = skipped_in_a_row + 1 if engine.skipped_steps > skipped_before else 0
+            if skipped_in_a_row and rank == 0:
+                print(f"[tcd-ds] step {done}: non-finite loss or gradients, step skipped ({skipped_in_a_row} in a row)")
+            if skipped_in_a_row >= spec.train.max_skipped_steps:
+                raise NonFiniteTraining(
+                    f"{skipped_in_a_row} steps in a row had non-finite losses or gradients (train.max_skipped_steps="
+                    f"{spec.train.max_skipped_steps}); stopped at step {done}, last good checkpoint: step {last_saved}"
+                )
             log_now, eval_now = done % spec.logging.every == 0 or done == end, done % spec.train.eval_every == 0
             if log_now or eval_now:
-                record = {"step": done, **pooled_mean(window), "lr": self.scheduler.get_last_lr()[0]}
+                record = {"step": done, **pooled_mean(window), "lr": self.scheduler.get_last_lr()[0],
+                          "skipped_steps": engine.skipped_steps}
                 record["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
                 record["tokens_per_s"] = tokens_per_step * len(window) / (time.perf_counter() - window_start)
                 if spec.model.moe is not None:
@@ -182,16 +206,18 @@ class Trainer:
                 window, window_start = [], time.perf_counter()
             progress.update(1)
             if done % spec.checkpoint.every == 0 or done == end:
-                wandb_state = {"wandb_run_id": self.wandb.run_id} if self.wandb else {}
-                checkpoint.save(engine, self.run_dir, done, spec.checkpoint.keep_last, wandb_state)
+                state = {"consumed_samples": self.train_batches.first_sample + done * spec.train.global_batch_size}
+                if self.wandb:
+                    state["wandb_run_id"] = self.wandb.run_id
+                checkpoint.save(engine, self.run_dir, done, spec.checkpoint.keep_last, state, self.layout)
                 last_saved = done
             if stop.agreed(engine.device):  # SIGTERM or a dead runner, on any rank: all stop here, between saves
                 break
         progress.close()
         if rank == 0:
             finished = last_saved >= spec.train.steps
-            why = f"{stop.reason}; resumes from it" if stop.reason else "train.steps_per_launch"
-            print(f"[tcd-ds] {'finished' if finished else f'stopped; last checkpoint step {last_saved} ({why})'}; "
+            why = stop.reason or "train.steps_per_launch"
+            print(f"[tcd-ds] {'finished' if finished else f'stopped ({why}); last checkpoint step {last_saved}'}; "
                   f"run dir {self.run_dir}")
         if self.wandb:
             self.wandb.finish()

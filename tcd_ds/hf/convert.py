@@ -1,0 +1,122 @@
+"""A checkpoint of one of our runs -> a Hugging Face directory, written in full or not at all.
+
+Output: config.json, model.safetensors (fp32), the run's tokenizer files, README.md (the model card) and, for
+an MoE student, modeling_moe_bert.py with an `auto_map` in config.json for `trust_remote_code`. A teacher is
+a plain `BertForMaskedLM` directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+from transformers import BertConfig, BertForMaskedLM, PreTrainedModel
+
+from tcd_ds.data.tokenizer import load_tokenizer
+from tcd_ds.hf import modeling_moe_bert
+from tcd_ds.hf.ds_checkpoint import MODEL_STATES, Checkpoint, ConversionError, load_file, locate_checkpoint
+from tcd_ds.hf.model_card import model_card
+from tcd_ds.hf.weights import full_state_dict
+from tcd_ds.models import bert_config, moe_bert_config
+from tcd_ds.spec import ModelSpec
+
+MODELING_FILE = Path(modeling_moe_bert.__file__)
+AUTO_MAP = {
+    "AutoConfig": f"{MODELING_FILE.stem}.MoEBertConfig",
+    "AutoModelForMaskedLM": f"{MODELING_FILE.stem}.MoEBertForMaskedLM",
+}
+
+
+def hf_config(model: ModelSpec, vocab_size: int, pad_token_id: int) -> BertConfig:
+    """The config the run trained with (the trainer's vocab_size = len(tokenizer)), every expert local."""
+    if model.moe is None:
+        return bert_config(model, vocab_size, pad_token_id)
+    config = moe_bert_config(model, vocab_size, pad_token_id)
+    config.ep_size = 1
+    config.auto_map = AUTO_MAP
+    return config
+
+
+def check_output(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise ConversionError(f"output directory {output} is not empty; pass --force to replace it")
+
+
+def write_atomically(output: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a sibling temporary directory, then rename it to `output`. An existing `output` (--force) is
+    renamed aside first and removed last, so `output` is never a mix of old and new or half written."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        fill(partial)
+        if output.is_dir() and any(output.iterdir()):
+            old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(output, old)
+            os.replace(partial, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(partial, output)  # rename(2) also replaces an empty directory
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def read_model_spec(run_dir: Path) -> tuple[dict, ModelSpec]:
+    """The run's resolved spec, raw, and its validated model section (the rest, e.g. data paths, need not be
+    valid on this machine)."""
+    spec_file = run_dir / "spec.yaml"
+    try:
+        spec = yaml.safe_load(spec_file.read_text())
+        return spec, ModelSpec.model_validate(spec["model"])
+    except (yaml.YAMLError, KeyError, TypeError, ValidationError) as e:
+        raise ConversionError(f"{spec_file}: not a run spec with a valid model section ({e})") from e
+
+
+def converted_model(ckpt: Checkpoint, spec: dict, model_spec: ModelSpec) -> tuple[PreTrainedModel, int, str]:
+    """The HF model holding the checkpoint's weights, the checkpoint's step and where the weights came from."""
+    tokenizer_dir = ckpt.run_dir / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        raise ConversionError(f"missing tokenizer directory {tokenizer_dir}")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = hf_config(model_spec, len(tokenizer), tokenizer.pad_token_id)
+    model_class = BertForMaskedLM if model_spec.moe is None else modeling_moe_bert.MoEBertForMaskedLM
+    model = model_class(config)
+    states = load_file(ckpt.dir / MODEL_STATES)
+    dtype = spec.get("train", {}).get("dtype", "fp32")
+    try:
+        model.load_state_dict(full_state_dict(ckpt, states, model_spec, dtype), strict=True)
+    except RuntimeError as e:
+        raise ConversionError(f"{ckpt.dir} does not fit the model {ckpt.run_dir / 'spec.yaml'} describes: {e}") from e
+    source = "fp32, as trained" if dtype == "fp32" else f"fp32 master weights from the ZeRO shards ({dtype} run)"
+    return model.eval(), int(states.get("step", states.get("global_steps"))), source
+
+
+def convert(source: str | Path, output: str | Path, tag: str | None = None, force: bool = False) -> Path:
+    """Convert the checkpoint `tag` (default: the latest) of the run at `source` (a run directory, its
+    checkpoints/ directory or a tag directory) into the Hugging Face directory `output`."""
+    ckpt = locate_checkpoint(source, tag)
+    output = Path(output)
+    check_output(output, force)
+    spec, model_spec = read_model_spec(ckpt.run_dir)
+    model, step, weights_source = converted_model(ckpt, spec, model_spec)
+    card = model_card(ckpt, spec, model_spec, step, model.config.vocab_size, weights_source)
+
+    def fill(directory: Path) -> None:
+        model.save_pretrained(directory)
+        for file in (ckpt.run_dir / "tokenizer").iterdir():
+            if file.is_file():
+                shutil.copy2(file, directory / file.name)
+        if model_spec.moe is not None:
+            shutil.copy2(MODELING_FILE, directory / MODELING_FILE.name)
+        (directory / "README.md").write_text(card)
+
+    write_atomically(output, fill)
+    return output

@@ -1,0 +1,94 @@
+"""A checkpoint's full fp32 state dict, in the names of the DeepSpeed-free model (every expert by global id).
+
+DeepSpeed spreads a student over three kinds of file: the non-expert module weights, one file per (MoE layer,
+expert) and, per rank, a ZeRO shard with that rank's slice of the fp32 master weights. A run trained in fp32
+trains the module weights themselves, so those are used; a bf16/fp16 run's module and expert files hold
+rounded copies, so its weights are rebuilt from the masters in the shards.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tcd_ds.hf.ds_checkpoint import MODEL_STATES, Checkpoint, ConversionError, load_file, zero_shard_types
+from tcd_ds.spec import ModelSpec
+
+LOCAL_EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
+
+
+def expert_prefix(layer: int, expert: int) -> str:
+    return f"bert.encoder.layer.{layer}.output.dense.deepspeed_moe.experts.deepspeed_experts.{expert}."
+
+
+def expert_weights(ckpt: Checkpoint, model: ModelSpec) -> dict[str, Tensor]:
+    """Every expert of every MoE layer, from its own file (DeepSpeed already names it by global id)."""
+    weights = {}
+    for k, layer in enumerate(model.moe.layer_ids(model.num_layers)):
+        for expert in range(model.moe.num_experts):
+            path = ckpt.expert_file(k, expert)
+            if not path.is_file():
+                raise ConversionError(f"missing expert file {path} (MoE layer {layer}, expert {expert})")
+            part = load_file(path)
+            prefix = expert_prefix(layer, expert)
+            if not part or any(not name.startswith(prefix) for name in part):
+                raise ConversionError(f"{path} should hold {prefix}* and holds {sorted(part)}")
+            weights.update(part)
+    return weights
+
+
+def fp32_master_weights(ckpt: Checkpoint, dtype: str, world_size: int, model: ModelSpec) -> dict[str, Tensor]:
+    """Flat fp32 masters, by global name, stitched from every rank's ZeRO shard.
+
+    A shard holds, per optimizer param group, one flat fp32 partition and, per parameter, where its fragment
+    lies in it (`param_slice_mappings`, named as on that rank: local expert ids). A parameter is its fragments
+    concatenated in rank order, because each param group is partitioned over a data-parallel group whose ranks
+    ascend: all ranks for shared weights, ranks {r, r + ep_size, ...} for experts (DeepSpeed's expert+data
+    layout, in which rank r holds the experts of expert-parallel rank r % ep_size).
+    """
+    ep_size = model.moe.ep_size if model.moe else 1
+    local_experts = model.moe.num_experts // ep_size if model.moe else 0
+    fragments: dict[str, list[Tensor]] = defaultdict(list)
+    for rank in range(world_size):
+        path = ckpt.optimizer_shard(rank, dtype)
+        state = load_file(path, zero_shard_types()).get("optimizer_state_dict", {})
+        if "single_partition_of_fp32_groups" not in state or "param_slice_mappings" not in state:
+            raise ConversionError(f"{path} holds no ZeRO fp32 master partitions (ZeRO stage 1 or 2 expected)")
+        first_expert = (rank % ep_size) * local_experts
+        for partition, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
+            for name, fragment in mapping.items():
+                name = LOCAL_EXPERT.sub(lambda m: f"{m[1]}{first_expert + int(m[2])}{m[3]}", name)
+                fragments[name].append(partition.narrow(0, fragment.start, fragment.numel))
+    return {name: torch.cat(parts) for name, parts in fragments.items()}
+
+
+def full_state_dict(ckpt: Checkpoint, states: dict[str, Any], model: ModelSpec, dtype: str) -> dict[str, Tensor]:
+    """Module weights + experts; for bf16/fp16 runs every trained parameter replaced by its fp32 master;
+    tied names (DeepSpeed's `shared_params`, e.g. the MLM decoder) pointed at their source; all fp32."""
+    if not isinstance(states.get("module"), dict):
+        raise ConversionError(f"{ckpt.dir / MODEL_STATES} holds no module state dict")
+    weights = dict(states["module"])
+    shared = states.get("shared_params") or {}
+    if model.moe is not None:
+        weights.update(expert_weights(ckpt, model))
+    if dtype != "fp32":
+        masters = fp32_master_weights(ckpt, dtype, states["dp_world_size"], model)
+        untrained = set(shared) | set(states.get("buffer_names") or []) | set(states.get("frozen_param_shapes") or {})
+        for name, value in weights.items():
+            if name in untrained:
+                continue
+            if name not in masters:
+                raise ConversionError(f"{ckpt.dir}: no fp32 master weight for {name} in the ZeRO shards")
+            if masters[name].numel() != value.numel():
+                raise ConversionError(
+                    f"{ckpt.dir}: the ZeRO shards hold {masters[name].numel()} of the {value.numel()} elements of "
+                    f"{name}; a shard is missing or from another run"
+                )
+            weights[name] = masters[name].view(value.shape)
+    for alias, source in shared.items():
+        weights[alias] = weights[source]
+    return {name: value.float() if value.is_floating_point() else value for name, value in weights.items()}

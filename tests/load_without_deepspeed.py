@@ -1,0 +1,49 @@
+"""Test helper: load a converted student where DeepSpeed cannot be imported, run it, report what was imported.
+
+    python tests/load_without_deepspeed.py HF_DIR BATCH_FILE OUT_FILE (package | remote_code | plain)
+
+`package`: `import tcd_ds.hf`, then `AutoModelForMaskedLM.from_pretrained`. `remote_code`: tcd_ds is blocked
+too, and the model comes from the modeling file shipped in HF_DIR (`trust_remote_code=True`). `plain`: tcd_ds
+blocked, no remote code (a teacher). The tokenizer loads with `AutoTokenizer` alike. BATCH_FILE holds
+`input_ids` and `attention_mask`; OUT_FILE gets the eval logits, the model's class and module, and the
+imported modules of deepspeed and tcd_ds.
+"""
+
+import importlib.abc
+import sys
+
+import torch
+
+
+class Blocked(importlib.abc.MetaPathFinder):
+    """Makes `import NAME` fail as if NAME were not installed."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (blocked by {__file__})", name=fullname)
+        return None
+
+
+def main() -> None:
+    hf_dir, batch_file, out_file, mode = sys.argv[1:]
+    sys.meta_path.insert(0, Blocked("deepspeed") if mode == "package" else Blocked("deepspeed", "tcd_ds"))
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    if mode == "package":
+        import tcd_ds.hf  # noqa: F401  (registers the moe_bert Auto classes)
+    trust = mode == "remote_code"
+    model = AutoModelForMaskedLM.from_pretrained(hf_dir, trust_remote_code=trust).eval()
+    AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust)
+    batch = torch.load(batch_file, weights_only=True)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("deepspeed", "tcd_ds"))
+    torch.save({"logits": logits, "class": type(model).__name__, "module": type(model).__module__,
+                "loaded": loaded}, out_file)
+
+
+if __name__ == "__main__":
+    main()

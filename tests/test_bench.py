@@ -1,0 +1,160 @@
+"""The benchmark harness runs and writes well-formed output (no timing asserts), and the fast paths it measures
+keep the MLM loss and its gradients those of HF's full-head `BertForMaskedLM`."""
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import BertForMaskedLM
+
+from conftest import REPO
+from tcd_ds.models import build_dense, build_student
+from tcd_ds.spec import ModelSpec, MoESpec
+from tcd_ds.train.engine import masked_positions
+
+V, B, T = 40, 3, 12
+SHAPE = dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position=T, dropout=0.0,
+             attention_dropout=0.0)
+
+
+def mlm_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V, (B, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, -4:] = 0
+    labels = torch.where(torch.rand(B, T, generator=g) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_masked_head_loss_and_gradients_equal_hf_full_head():
+    torch.manual_seed(0)
+    ours = build_dense(ModelSpec(**SHAPE), V, pad_token_id=0)
+    reference = BertForMaskedLM(ours.config)  # plain HF: head at every token, HF's own loss
+    reference.load_state_dict(ours.state_dict())
+    ids, mask, labels = mlm_batch(1)
+    positions = masked_positions(labels)
+    assert positions.tolist() == [i for i, y in enumerate(labels.reshape(-1).tolist()) if y != -100]
+
+    ours.cls.positions = positions
+    logits = ours(input_ids=ids, attention_mask=mask).logits
+    ours.cls.positions = None
+    assert logits.shape == (len(positions), V)
+    loss = torch.nn.functional.cross_entropy(logits, labels.reshape(-1)[positions])
+    want = reference(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+    loss.backward()
+    want.backward()
+    got, expected = grads(ours), grads(reference)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    # Unset, the head is HF's: full logits.
+    torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
+                               reference(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_masked_head_on_the_moe_student_equals_its_full_head_loss():
+    torch.manual_seed(0)
+    moe = MoESpec(num_experts=4, layers="every", min_capacity=0, drop_tokens=False)
+    model = build_student(ModelSpec(**SHAPE, moe=moe), V, pad_token_id=0)
+    ids, mask, labels = mlm_batch(2)
+    full = model(input_ids=ids, attention_mask=mask).logits.reshape(-1, V)
+    by_hand = torch.nn.functional.cross_entropy(full[labels.reshape(-1) != -100], labels.reshape(-1)[labels.reshape(-1) != -100])
+    positions = masked_positions(labels)
+    model.cls.positions = positions
+    picked = model(input_ids=ids, attention_mask=mask).logits
+    model.cls.positions = None
+    torch.testing.assert_close(picked, full[positions])
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(picked, labels.reshape(-1)[positions]), by_hand)
+
+
+def forward_flops_by_hand(s: dict, head_tokens: float, layers: int, moe: bool) -> float:
+    """Matrix products of one forward, written out: per token and layer q, k, v, o (4 x 2H^2), scores and
+    context (2 x 2TH), FFN (2 x 2HI) or a top-1 MoE FFN (the same plus the gate, 2HE); the MLM head, a
+    transform (2H^2) and the decoder (2HV), at `head_tokens` tokens."""
+    h, i, t, tokens = s["hidden"], s["intermediate"], s["seq_len"], s["micro_batch"] * s["seq_len"]
+    total = 0
+    for layer in range(layers):
+        gate = 2 * h * s["experts"] if moe and layer in s["moe_layers"] else 0
+        total += tokens * (4 * 2 * h * h + 2 * 2 * t * h + 2 * 2 * h * i + gate)
+    return total + head_tokens * (2 * h * h + 2 * h * s["vocab"])
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench.py"), "--quick", "--out", str(out), "--cache-dir", str(cache_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+def test_quick_bench_json_is_well_formed(quick_bench):
+    r, _ = quick_bench
+    assert r["world_size"] == 2 and r["preset"] == "quick"
+    variants = ("hf", "dense_full_head", "dense", "moe", "tcd")
+    rounds = r["rounds"]
+    for v in (*variants, "teacher_full", "teacher_cut", "relations"):
+        assert len(r["seconds"][v]) == rounds and all(t > 0 and math.isfinite(t) for t in r["seconds"][v]), v
+    for v in variants:
+        step = r["steps"][v]
+        assert step["seconds"] == pytest.approx(statistics.median(r["seconds"][v]))
+        assert step["tokens_per_s"] == pytest.approx(2 * r["tokens_per_rank_per_step"] / step["seconds"])
+    # Ratios are taken within a round, from the raw seconds.
+    s = r["seconds"]
+    assert r["ratios"]["tcd_over_moe"]["rounds"] == pytest.approx([s["tcd"][i] / s["moe"][i] for i in range(rounds)])
+    assert r["ratios"]["dense_over_hf"]["rounds"] == pytest.approx([s["hf"][i] / s["dense"][i] for i in range(rounds)])
+    assert r["ratios"]["dense_over_hf"]["median"] == pytest.approx(statistics.median(r["ratios"]["dense_over_hf"]["rounds"]))
+
+    # Model FLOPs, against the formula written out by hand for the tiny shapes.
+    shapes, masked, tokens = r["shapes"], r["masked_tokens_per_rank_per_step"], r["tokens_per_rank_per_step"]
+    assert tokens == shapes["micro_batch"] * shapes["seq_len"] and 0 < masked < tokens
+    flops = r["flops_per_step_per_rank"]
+    assert flops["dense"] == pytest.approx(3 * forward_flops_by_hand(shapes, masked, shapes["layers"], moe=False))
+    assert flops["hf"] == pytest.approx(3 * forward_flops_by_hand(shapes, tokens, shapes["layers"], moe=False))
+    teacher = forward_flops_by_hand(shapes, 0, r["teacher_layers"], moe=False)
+    assert flops["tcd"] == pytest.approx(3 * forward_flops_by_hand(shapes, masked, shapes["layers"], moe=True) + teacher)
+    assert r["ratios"]["mfu_dense"]["rounds"] == pytest.approx(
+        [flops["dense"] / s["dense"][i] / s["matmul_square_flops"][i] for i in range(rounds)])
+
+    # The fast paths kept the loss: ours against HF's full-head forward on the same weights and draws.
+    for check in r["mlm_loss_check"].values():
+        ours, reference = check.values()
+        assert math.isfinite(ours) and ours == pytest.approx(reference, rel=1e-5)
+
+    targets = {t["key"]: t for t in r["targets"]}
+    assert set(targets) == {"tcd_over_moe", "dense_over_hf", "relation_share", "mfu_dense", "mfu_moe", "mfu_tcd",
+                            "scaling_tcd"}
+    for key, t in targets.items():
+        value = r["ratios"][key]["median"]
+        assert t["value"] == value and value > 0
+        assert t["met"] is (value <= t["bound"] if t["kind"] == "max" else value >= t["bound"])
+
+    assert set(r["breakdown"]["tcd"]) == {"teacher forward", "student forward", "relation losses (forward)",
+                                          "backward (student and relations)", "optimizer step", "other", "total"}
+    assert "teacher forward" not in r["breakdown"]["moe"]
+    assert set(r["relations_ms"]) == {f"{n}/{scope}" for n in (8, 16) for scope in ("local", "global")}
+    for part in ("state", "step"):
+        assert len(r["memory_mib"][part]) == 2 and set(r["memory_mib"][part][0]) == {"hf", "dense", "moe", "tcd"}
+    assert [rec["world_size"] for rec in r["scaling"]] == [1, 2]
+    assert all(r["profiles"][v] for v in ("hf", "dense", "moe", "tcd"))
+
+
+def test_quick_bench_markdown_states_each_target(quick_bench):
+    r, md = quick_bench
+    assert md.startswith("Command: `DS_ACCELERATOR=cpu python tools/bench.py --quick")
+    for t in r["targets"]:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {t['target']} |"))
+        assert ("**missed**" in row) is (not t["met"])
