@@ -332,17 +332,23 @@ def every_rank(value):
     return values
 
 
-def rounds_of(variants: dict[str, Callable], rounds: int, steps: int) -> dict[str, list[float]]:
+def rounds_of(variants: dict[str, Callable], rounds: int, steps: int, cpu_share: dict | None = None) -> dict:
     """Seconds per call of each variant in each round (order rotating across rounds, after a warm-up call),
-    the slowest rank's: a data-parallel step ends when every rank's has."""
+    the slowest rank's: a data-parallel step ends when every rank's has. `cpu_share` gets, per variant, the
+    share of a core each rank's process had meanwhile (its CPU time over wall time; on a shared machine, below
+    1 where other processes took the core)."""
     for fn in variants.values():
         fn()
-    names, seconds = list(variants), defaultdict(list)
+    names, seconds, shares = list(variants), defaultdict(list), defaultdict(list)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
+            cpu = time.process_time()
             seconds[name].append(timed(variants[name], steps))
-    ranks = every_rank(dict(seconds))
-    return {name: [max(values) for values in zip(*(rank[name] for rank in ranks))] for name in names}
+            shares[name].append((time.process_time() - cpu) / (seconds[name][-1] * steps))
+    ranks = every_rank((dict(seconds), dict(shares)))
+    if cpu_share is not None:
+        cpu_share.update({name: [statistics.median(rank[1][name]) for rank in ranks] for name in names})
+    return {name: [max(values) for values in zip(*(rank[0][name] for rank in ranks))] for name in names}
 
 
 def build(kind: str, cfg: dict, world: int, run_dir: Path, teacher: Path | None = None) -> Trainer:
@@ -413,7 +419,8 @@ def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
         "teacher_cut": lambda: tcd.distillation.teacher_forward(on_device),
         "relations": relation_bench(tcd.distillation.distiller, captures, first["attention_mask"]),
     }
-    seconds = rounds_of(variants, cfg["rounds"], cfg["steps"])
+    cpu_share: dict[str, list[float]] = {}
+    seconds = rounds_of(variants, cfg["rounds"], cfg["steps"], cpu_share)
     for kind in ("square", "ffn", "projection"):  # the mean over ranks; the first call was the warm-up
         seconds[f"matmul_{kind}_flops"] = [statistics.mean(p[kind] for p in ranks)
                                            for ranks in zip(*every_rank(peaks[1:]))]
@@ -451,7 +458,8 @@ def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
                        "experts": moe_config.num_experts, "moe_layers": moe_config.moe_layers},
             "hf_attn_implementation": hf.attn_implementation, "teacher_layers": layers, "mlm_loss_check": losses,
             "seconds": seconds, "flops_per_step_per_rank": flops, "breakdown": breakdown,
-            "relation_seconds": relation_seconds, "profiles": profiles, "sync_sites": syncs,
+            "relation_seconds": relation_seconds, "profiles": profiles, "sync_sites": syncs, "cpu_share": cpu_share,
+            "load_average": os.getloadavg(),
         }
         (work / "main.json").write_text(json.dumps(out))
     dist.barrier()
@@ -465,11 +473,13 @@ def scaling_world(rank: int, world: int, port: int, cfg: dict) -> None:
     trainers = {kind: build(kind, cfg, world, work / f"scale{world}_{kind}", teacher=work / "teacher")
                 for kind in ("dense", "moe", "tcd")}
     batches = [trainers["dense"].train_batches.micro_batches(s) for s in range(4)]
+    cpu_share: dict[str, list[float]] = {}
     seconds = rounds_of({kind: engine_stepper(t, batches) for kind, t in trainers.items()},
-                        cfg["scaling_blocks"], cfg["steps"])
+                        cfg["scaling_blocks"], cfg["steps"], cpu_share)
     if rank == 0:
         with (work / "scaling.jsonl").open("a") as f:
-            f.write(json.dumps({"world_size": world, "seconds": seconds}) + "\n")
+            f.write(json.dumps({"world_size": world, "seconds": seconds, "cpu_share": cpu_share,
+                                "load_average": os.getloadavg()}) + "\n")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -527,8 +537,10 @@ STEP_NAMES = {"hf": "HF BertForMaskedLM + torch AdamW (DDP)", "dense_full_head":
               "dense": "ours, dense", "moe": "ours, MoE, MLM only", "tcd": "ours, MoE + TCD"}
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
+def spread(values: list[float], best: float) -> dict:
+    """`best`: the same ratio of each side's best time, an estimate that ignores time lost to other processes."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "best": best,
+            "rounds": values}
 
 
 def summarize(main: dict, scaling: list[dict], args: argparse.Namespace, command: str) -> dict:
@@ -536,27 +548,31 @@ def summarize(main: dict, scaling: list[dict], args: argparse.Namespace, command
     s, flops = main["seconds"], main["flops_per_step_per_rank"]
     world, tokens, rounds = main["world_size"], main["tokens_per_rank_per_step"], range(len(s["dense"]))
 
-    def ratio(a: str, b: str) -> list[float]:
-        return [s[a][r] / s[b][r] for r in rounds]
+    def ratio(a: str, b: str) -> tuple[list[float], float]:
+        return [s[a][r] / s[b][r] for r in rounds], min(s[a]) / min(s[b])
 
-    per_round = {
+    peak = s["matmul_square_flops"]
+    measured = {
         "tcd_over_moe": ratio("tcd", "moe"),
         "dense_over_hf": ratio("hf", "dense"),
         "relation_share": ratio("relations", "tcd"),
-        **{f"mfu_{v}": [flops[v] / s[v][r] / s["matmul_square_flops"][r] for r in rounds] for v in STEP_NAMES},
+        **{f"mfu_{v}": ([flops[v] / s[v][r] / peak[r] for r in rounds], flops[v] / min(s[v]) / max(peak))
+           for v in STEP_NAMES},
         "masked_head_speedup": ratio("dense_full_head", "dense"),
         "teacher_cut_speedup": ratio("teacher_full", "teacher_cut"),
-        "ffn_matmul_over_peak": [s["matmul_ffn_flops"][r] / s["matmul_square_flops"][r] for r in rounds],
-        "projection_matmul_over_peak": [s["matmul_projection_flops"][r] / s["matmul_square_flops"][r] for r in rounds],
+        **{f"{kind}_matmul_over_peak": ([s[f"matmul_{kind}_flops"][r] / peak[r] for r in rounds],
+                                        max(s[f"matmul_{kind}_flops"]) / max(peak)) for kind in ("ffn", "projection")},
     }
     pairs = list(zip(scaling[0::2], scaling[1::2]))  # launches alternate: 1 rank, then `world` ranks
     for kind in ("dense", "moe", "tcd") if pairs else ():
         # Tokens/s at a fixed per-rank batch: world * t(1 rank) / t(world ranks), per pair of adjacent launches.
-        per_round[f"scaling_{kind}"] = [
-            world * statistics.median(one["seconds"][kind]) / statistics.median(many["seconds"][kind])
-            for one, many in pairs
-        ]
-    ratios = {name: spread(values) for name, values in per_round.items()}
+        one = [t for record in scaling if record["world_size"] == 1 for t in record["seconds"][kind]]
+        many = [t for record in scaling if record["world_size"] == world for t in record["seconds"][kind]]
+        measured[f"scaling_{kind}"] = (
+            [world * statistics.median(a["seconds"][kind]) / statistics.median(b["seconds"][kind]) for a, b in pairs],
+            world * min(one) / min(many),
+        )
+    ratios = {name: spread(*values) for name, values in measured.items()}
     targets = []
     for name, (key, bound, kind) in TARGETS.items():
         value = ratios[key]["median"] if key in ratios else None
@@ -579,7 +595,7 @@ def summarize(main: dict, scaling: list[dict], args: argparse.Namespace, command
         "breakdown": main["breakdown"], "memory_mib": mib,
         "relations_ms": {key: 1e3 * statistics.median(v) for key, v in main["relation_seconds"].items()},
         "seconds": s, "flops_per_step_per_rank": flops, "scaling": scaling, "profiles": main["profiles"],
-        "sync_sites": main["sync_sites"],
+        "sync_sites": main["sync_sites"], "cpu_share": main["cpu_share"], "load_average": main["load_average"],
     }
 
 
@@ -601,18 +617,24 @@ def markdown(r: dict) -> str:
              f"{r['device']}, {r['world_size']} ranks x {r['threads_per_rank']} thread(s), torch {r['torch']}; "
              f"{r['tokens_per_rank_per_step']} tokens per rank per step ({r['masked_tokens_per_rank_per_step']:.0f} "
              f"masked); {r['rounds']} interleaved rounds x {r['steps_per_round']} step(s); ratios taken within a "
-             f"round, medians (min to max) over rounds. Measured fp32 matrix-product peak: "
-             f"{r['matmul_peak_flops_per_rank'] / 1e9:.1f} GFLOP/s per rank.", ""]
-    lines += table(["target", "bound", "measured", "verdict"], [
+             f"round, medians (min to max) over rounds; \"best\": the ratio of each side's best time. Measured "
+             f"fp32 matrix-product peak: {r['matmul_peak_flops_per_rank'] / 1e9:.1f} GFLOP/s per rank. Load "
+             f"average at the end: {r['load_average'][0]:.1f}.", ""]
+    best = lambda key: f"{r['ratios'][key]['best']:.3f}" if key in r["ratios"] else "-"  # noqa: E731
+    lines += table(["target", "bound", "measured", "best", "verdict"], [
         [t["target"], f"{'<=' if t['kind'] == 'max' else '>='} {t['bound']}",
-         ratio(r["ratios"][t["key"]]) if t["key"] in r["ratios"] else "-", verdict(t)] for t in r["targets"]])
-    lines += [""] + table(["step", "s/step", "tokens/s, all ranks", "model GFLOP/s per rank", "MFU"], [
+         ratio(r["ratios"][t["key"]]) if t["key"] in r["ratios"] else "-", best(t["key"]), verdict(t)]
+        for t in r["targets"]])
+    lines += [""] + table(["step", "s/step", "tokens/s, all ranks", "model GFLOP/s per rank", "MFU",
+                           "core share per rank"], [
         [STEP_NAMES[v], f"{st['seconds']:.3f}", f"{st['tokens_per_s']:.0f}",
-         f"{st['model_flops_per_s_per_rank'] / 1e9:.1f}", f"{100 * r['ratios'][f'mfu_{v}']['median']:.0f}%"]
+         f"{st['model_flops_per_s_per_rank'] / 1e9:.1f}", f"{100 * r['ratios'][f'mfu_{v}']['median']:.0f}%",
+         " / ".join(f"{c:.2f}" for c in r["cpu_share"][v])]
         for v, st in r["steps"].items()])
     others = ("masked_head_speedup", "teacher_cut_speedup", "ffn_matmul_over_peak", "projection_matmul_over_peak",
               "scaling_dense", "scaling_moe")
-    lines += [""] + table(["other ratio", "measured"], [[k, ratio(r["ratios"][k])] for k in others if k in r["ratios"]])
+    lines += [""] + table(["other ratio", "measured", "best"],
+                          [[k, ratio(r["ratios"][k]), best(k)] for k in others if k in r["ratios"]])
     for name, phases in r["breakdown"].items():
         lines += ["", f"Phases of the {name} step (instrumented: each call drained and timed):", ""]
         lines += table(["phase", "ms", "share"], [[k, f"{1e3 * v:.1f}", f"{100 * v / phases['total']:.0f}%"]
@@ -630,9 +652,11 @@ def markdown(r: dict) -> str:
     ])
     lines.append(f"\nFloor: {' / '.join(f'{m:.0f}' for m in mem['floor'])} MiB.")
     if r["scaling"]:
-        lines += ["", "Scaling launches (fixed per-rank batch), ms per step, median over blocks:", ""]
-        lines += table(["ranks", "dense", "moe", "tcd"], [
+        lines += ["", "Scaling launches in the order run (fixed per-rank batch): ms per step, median over blocks; "
+                  "the TCD step's core share per rank; the load average:", ""]
+        lines += table(["ranks", "dense", "moe", "tcd", "core share, tcd", "load"], [
             [rec["world_size"]] + [f"{1e3 * statistics.median(rec['seconds'][k]):.0f}" for k in ("dense", "moe", "tcd")]
+            + [" / ".join(f"{c:.2f}" for c in rec["cpu_share"]["tcd"]), f"{rec['load_average'][0]:.1f}"]
             for rec in r["scaling"]])
     for name, ops in r["profiles"].items():
         lines += ["", f"Profile of one {name} step, rank 0, top ops by self time:", ""]

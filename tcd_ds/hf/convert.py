@@ -111,6 +111,7 @@ def convert(source: str | Path, output: str | Path, tag: str | None = None, forc
 
     def fill(directory: Path) -> None:
         model.save_pretrained(directory)
+        (directory / "model.safetensors").chmod(0o644)  # the writer makes it 0600: unreadable on a shared cluster
         for file in (ckpt.run_dir / "tokenizer").iterdir():
             if file.is_file():
                 shutil.copy2(file, directory / file.name)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from tcd_ds.train.checkpoint import manifest_problem
+
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
@@ -67,6 +69,9 @@ def locate_checkpoint(path: str | Path, tag: str | None) -> Checkpoint:
         raise ConversionError(
             f"unknown tag {tag!r}: {checkpoints / tag} does not exist (saved tags: {saved or 'none'})"
         )
+    problem = manifest_problem(checkpoints / tag)
+    if problem is not None:
+        raise ConversionError(f"incomplete checkpoint {checkpoints / tag}: {problem}")
     return Checkpoint(run_dir, tag)
 
 

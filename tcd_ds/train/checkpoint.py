@@ -57,11 +57,11 @@ def manifest_problem(tag_dir: Path) -> str | None:
     for name, expected in manifest["files"].items():
         path = tag_dir / name
         if not path.is_file():
-            return f"{name} is missing"
+            return f"{path} is missing"
         if path.stat().st_size != expected["size"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
         if sha256(path) != expected["sha256"]:
-            return f"{name} does not match its sha256 in the manifest (corrupt)"
+            return f"{path} does not match its sha256 in the manifest (corrupt)"
     return None
 
 
