@@ -44,7 +44,7 @@ def rank_processes(runner: psutil.Process) -> list[psutil.Process]:
 
 
 def test_killed_rank_stops_the_job_and_a_relaunch_ends_where_an_uninterrupted_run_does(tmp_path, cache_dir):
-    steps = ["--train.steps=120", "--logging.every=20", "--train.eval_every=1000", "--checkpoint.every=10"]
+    steps = ["--train.steps=60", "--logging.every=20", "--train.eval_every=1000", "--checkpoint.every=10"]
     common = [f"--data.cache_dir={cache_dir}", "--logging.progress_bar=False", *steps]
     reference, run_dir = tmp_path / "reference", tmp_path / "killed"
     launch(TEACHER, f"--run_dir={reference}", *common)
@@ -55,7 +55,7 @@ def test_killed_rank_stops_the_job_and_a_relaunch_ends_where_an_uninterrupted_ru
     )
     try:
         deadline = time.time() + 300
-        while not (run_dir / "checkpoints" / "step_20" / "manifest.json").exists():
+        while not (run_dir / "checkpoints" / "step_10" / "manifest.json").exists():
             assert runner.poll() is None and time.time() < deadline, "the run ended before it could be killed"
             time.sleep(0.05)
         ranks = rank_processes(psutil.Process(runner.pid))
@@ -70,7 +70,7 @@ def test_killed_rank_stops_the_job_and_a_relaunch_ends_where_an_uninterrupted_ru
     finally:
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGKILL)
-    assert 20 <= int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step_")) < 120
+    assert 10 <= int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step_")) < 60
 
     launch(TEACHER, f"--run_dir={run_dir}", *common)
     assert_same_weights(final_weights(run_dir), final_weights(reference))

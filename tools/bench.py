@@ -1,27 +1,30 @@
 """Benchmarks of the training steps, side by side on the same shapes in one run (issue 8).
 
-    DS_ACCELERATOR=cpu python tools/bench.py [--out bench_out] [--ranks 2] [--rounds 5] [--steps 2] [--quick]
+    DS_ACCELERATOR=cpu python tools/bench.py [--out bench_out] [--ranks 2] [--rounds 8] [--quick]
 
-Measures, on the demo shapes (ds_configs/*_demo*.yaml; --quick: the tiny test shapes, a couple of steps):
-our dense step against what a user would write (HF `BertForMaskedLM`, `torch.optim.AdamW`, DDP); the MoE
-step with MLM only against the full TCD step, with a per-phase breakdown; achieved model FLOP/s against an
-fp32 matrix-product peak measured in the same processes; peak memory per rank; the relation losses' cost as N
-grows, local against global scope; and one rank against `--ranks` ranks at a fixed per-rank batch.
+Measures, on the demo shapes (ds_configs/*_demo*.yaml; --quick: the tiny test shapes, a couple of steps): our
+dense step against what a user would write (HF `BertForMaskedLM`, `torch.optim.AdamW`, DDP); the MoE step with
+MLM only against the full TCD step, with a per-phase breakdown; achieved model FLOP/s against an fp32
+matrix-product peak measured in the same processes; memory per rank; the relation losses' cost as N grows,
+local against global scope; one rank against `--ranks` ranks at a fixed per-rank batch; a profile of each step.
 
 Each step is the real one: components are built by `Trainer` from a run spec and stepped by its
-`DistillationEngine`. Timings on a shared machine are noisy, so variants are interleaved round after round in
-the same processes (the order rotating), each ratio is taken within a round, and medians over rounds are
-reported. Writes OUT/bench.json and OUT/bench.md, and prints the markdown.
+`DistillationEngine`. On a machine shared with other work, timings are noisy: variants are interleaved round
+after round in the same processes (the order rotating), ratios are taken within a round and their median over
+rounds reported. On CPU every time is also taken as the ranks' CPU time, which leaves out time lost waiting
+for a core (and for the other ranks). Writes OUT/bench.json and OUT/bench.md, and prints the markdown.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import statistics
 import sys
 import time
@@ -51,7 +54,7 @@ PRESETS = {  # dense, MoE baseline, MoE + TCD
     "demo": ("teacher_demo.yaml", "student_demo_moe.yaml", "student_demo_tcd.yaml"),
     "quick": ("teacher_tiny.yaml", "student_tiny_moe.yaml", "student_tiny_tcd.yaml"),
 }
-TARGETS = {  # name: (metric key, bound, "max" if the value must stay at or below the bound else "min")
+TARGETS = {  # name: (metric, bound, "max" if the value must stay at or below the bound else "min")
     "TCD step / MoE MLM-only step": ("tcd_over_moe", 1.40, "max"),
     "dense tokens/s / HF baseline tokens/s": ("dense_over_hf", 1.5, "min"),
     "relation losses / TCD step": ("relation_share", 0.05, "max"),
@@ -60,40 +63,55 @@ TARGETS = {  # name: (metric key, bound, "max" if the value must stay at or belo
     "MFU, TCD step": ("mfu_tcd", 0.50, "min"),
     "N ranks / 1 rank tokens/s, TCD step": ("scaling_tcd", 1.8, "min"),
 }
+STEPS = {"hf": "HF BertForMaskedLM + torch AdamW (DDP)", "dense_full_head": "ours, dense, full MLM head",
+         "dense": "ours, dense", "moe": "ours, MoE, MLM only", "tcd": "ours, MoE + TCD"}
 Batch = dict[str, torch.Tensor]
+Times = dict[str, float]  # seconds by clock: "wall", and on CPU "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+
+
+def on_cpu() -> bool:
+    return get_accelerator().device_name() == "cpu"
+
+
+def clocks() -> tuple[str, ...]:
+    """CPU time says how much work a step is where other processes take the cores; on an accelerator the host's
+    CPU time says nothing about the device's work."""
+    return ("wall", "cpu") if on_cpu() else ("wall",)
 
 
 def sync() -> None:
     get_accelerator().synchronize()
 
 
-def timed(fn: Callable[[], object], repeat: int = 1) -> float:
-    """Seconds per call, ranks started together; the device is drained before and after."""
+def timed(fn: Callable[[], object], repeat: int = 1) -> Times:
+    """Seconds per call, ranks started together, the device drained before and after."""
     dist.barrier()
     sync()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeat):
         fn()
     sync()
-    return (time.perf_counter() - start) / repeat
+    return {"wall": (time.perf_counter() - wall) / repeat, "cpu": (time.process_time() - cpu) / repeat}
 
 
-def matmul_rate(m: int, k: int, n: int, device: torch.device, budget_s: float) -> float:
-    """fp32 FLOP/s of an [m, k] @ [k, n] product, repeated for about `budget_s`."""
+def matmul_rate(m: int, k: int, n: int, device: torch.device, budget_s: float) -> Times:
+    """fp32 FLOP/s of an [m, k] @ [k, n] product, by clock, repeated for about `budget_s`."""
     a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-    one = timed(lambda: a @ b)
-    return 2 * m * k * n / timed(lambda: a @ b, max(1, int(budget_s / max(one, 1e-6))))
+    once = timed(lambda: a @ b)["wall"]
+    seconds = timed(lambda: a @ b, max(1, int(budget_s / max(once, 1e-6))))
+    return {clock: 2 * m * k * n / max(t, 1e-9) for clock, t in seconds.items()}
 
 
 def matmul_peaks(device: torch.device, tokens: int, hidden: int, intermediate: int, budget_s: float) -> dict:
-    """The peak (best square product) and, to tell shape from load, the model's own FFN and projection
-    products; measured in the ranks' processes, under the same load as the steps."""
+    """The peak (the best square product) and, to tell shape from load, the model's own FFN and projection
+    products; measured in the ranks' processes under the same load as the steps."""
     sizes = (256, 512, 1024) if device.type == "cpu" else (4096, 8192)
+    squares = [matmul_rate(n, n, n, device, budget_s / 5) for n in sizes]
     return {
-        "square": max(matmul_rate(n, n, n, device, budget_s / 5) for n in sizes),
+        "square": {clock: max(r[clock] for r in squares) for clock in squares[0]},
         "ffn": matmul_rate(tokens, hidden, intermediate, device, budget_s / 5),
         "projection": matmul_rate(tokens, hidden, hidden, device, budget_s / 5),
     }
@@ -106,38 +124,27 @@ def _proc_status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def on_cpu() -> bool:
-    return get_accelerator().device_name() == "cpu"
-
-
 def memory_now() -> int:
     """Bytes in use: the accelerator allocator's, or on CPU (Linux) the process's resident set."""
     return _proc_status("VmRSS") if on_cpu() else int(get_accelerator().memory_allocated())
 
 
-def reset_peak_memory() -> None:
+def step_memory(fn: Callable[[], object]) -> int:
+    """Bytes a call needs beyond what is resident before it (activations, gradient buffers, messages)."""
+    dist.barrier()
     if on_cpu():
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set, to VmRSS
     else:
         get_accelerator().reset_peak_memory_stats()
-
-
-def peak_memory() -> int:
-    return _proc_status("VmHWM") if on_cpu() else int(get_accelerator().max_memory_allocated())
-
-
-def step_memory(fn: Callable[[], object]) -> int:
-    """Bytes a call needs beyond what is resident before it (activations, gradients' buffers, messages)."""
-    dist.barrier()
-    reset_peak_memory()
     before = memory_now()
     fn()
     sync()
-    return peak_memory() - before
+    peak = _proc_status("VmHWM") if on_cpu() else int(get_accelerator().max_memory_allocated())
+    return peak - before
 
 
 @contextmanager
-def phase_timers(seconds: dict[str, float], calls: dict[str, tuple[object, str]]):
+def phase_timers(seconds: dict[str, Times], calls: dict[str, tuple[object, str]]):
     """Wrap the named methods of the step's own objects so each call is drained and timed (instrumented runs
     only: the draining serialises what would overlap)."""
     for name, (obj, attr) in calls.items():
@@ -145,10 +152,11 @@ def phase_timers(seconds: dict[str, float], calls: dict[str, tuple[object, str]]
 
         def wrapper(*args, _original=original, _name=name, **kwargs):
             sync()
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             out = _original(*args, **kwargs)
             sync()
-            seconds[_name] += time.perf_counter() - start
+            seconds[_name]["wall"] += time.perf_counter() - wall
+            seconds[_name]["cpu"] += time.process_time() - cpu
             return out
 
         setattr(obj, attr, wrapper)
@@ -182,13 +190,10 @@ def top_ops(fn: Callable[[], object], count: int = 12) -> list[dict]:
         fn()
         sync()
     key = "self_cpu_time_total" if on_cpu() else "self_device_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    events = sorted((e for e in prof.key_averages() if getattr(e, key) > 0), key=lambda e: -getattr(e, key))
     total = sum(getattr(e, key) for e in events)
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return [
-        {"op": e.key, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
-        for e in events[:count]
-    ]
+    return [{"op": e.key, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
+            for e in events[:count]]
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -212,19 +217,21 @@ def forward_flops(config, batch: int, seq_len: int, head_tokens: float, layers: 
 
 def run_spec(preset: str, kind: str, run_dir: Path, cache_dir: str, world: int, teacher: Path | None = None) -> RunSpec:
     """A preset's spec with one micro-batch per rank per step (a fixed per-rank batch whatever the world)."""
-    dense, moe, tcd = PRESETS[preset]
-    path = REPO / "ds_configs" / {"dense": dense, "moe": moe, "tcd": tcd}[kind]
-    base = load_spec(path, [] if kind != "tcd" else [f"--distill.teacher={teacher}"])
+    path = REPO / "ds_configs" / dict(zip(("dense", "moe", "tcd"), PRESETS[preset]))[kind]
+    teacher_arg = [f"--distill.teacher={teacher}"] if kind == "tcd" else []
+    base = load_spec(path, teacher_arg)
     overrides = [
-        f"--run_dir={run_dir}", f"--data.cache_dir={cache_dir}",
-        f"--train.global_batch_size={base.train.micro_batch_size * world}", "--train.steps=100000",
-        "--logging.progress_bar=False", "--logging.wandb.enabled=False",
+        f"--run_dir={run_dir}", f"--data.cache_dir={cache_dir}", "--train.steps=100000",
+        f"--train.global_batch_size={base.train.micro_batch_size * world}",
+        "--logging.progress_bar=False", "--logging.wandb.enabled=False", *teacher_arg,
     ]
     if kind != "dense":
         overrides.append(f"--model.moe.ep_size={math.gcd(base.model.moe.ep_size, world)}")
-    if kind == "tcd":
-        overrides.append(f"--distill.teacher={teacher}")
     return load_spec(path, overrides)
+
+
+def build(kind: str, cfg: dict, world: int, run_dir: Path, teacher: Path | None = None) -> Trainer:
+    return Trainer(run_spec(cfg["preset"], kind, run_dir, cfg["cache_dir"], world, teacher))
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -305,13 +312,45 @@ def relation_bench(distiller: RelationDistiller, captures: tuple[dict, dict], ma
     """The relation losses alone, forward and backward, on a step's captures (the student's gradient stops at
     the captures, where the model's backward would take over)."""
     student, teacher = captures
-    draws = iter(range(10**9))
+    draws = itertools.count()
 
     def run() -> None:
         generator = seeded_generator(0, "bench", next(draws), dist.get_rank())
         distiller.weighted_sum(distiller(student, teacher, mask, generator)).backward()
 
     return run
+
+
+def mlm_loss_check(dense: Trainer, moe: Trainer, hf: HFBaseline, batch: Batch) -> dict:
+    """The masked-head MLM loss against HF's full-head forward, same weights and dropout draws."""
+    def seeded(fn):
+        seed_step(dense.spec.seed, 0, dense.rank)
+        return fn().item()
+
+    b = to_device(batch, dense.engine.device)
+    return {
+        "dense": {"ours": seeded(lambda: dense.step_engine.losses(batch, 0, 0)["mlm"]),
+                  "hf_full_head": seeded(lambda: hf.loss(batch))},
+        "moe": {"ours": seeded(lambda: moe.step_engine.losses(batch, 0, 0)["mlm"]),
+                "full_head": seeded(lambda: moe.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                                        labels=b["labels"]).loss)},
+    }
+
+
+def phase_breakdown(trainer: Trainer, batches: list[list[Batch]], steps: int) -> dict[str, Times]:
+    """Seconds per step in each phase of the real step, each call drained and timed."""
+    calls = {"teacher forward": (trainer.distillation, "teacher_forward"),
+             "student forward": (trainer.engine, "forward"),
+             "relation losses (forward)": (trainer.distillation, "relation_losses"),
+             "backward (student and relations)": (trainer.engine, "backward"),
+             "optimizer step": (trainer.engine, "step")}
+    calls = {name: call for name, call in calls.items() if call[0] is not None}
+    phases: dict[str, Times] = defaultdict(lambda: {"wall": 0.0, "cpu": 0.0})
+    with phase_timers(phases, calls):
+        total = timed(engine_stepper(trainer, batches), steps)
+    out = {name: {c: t / steps for c, t in times.items()} for name, times in phases.items()}
+    out["other"] = {c: total[c] - sum(times[c] for times in out.values()) for c in total}
+    return {**out, "total": total}
 
 
 # --------------------------------------------------------------------------------------------- worlds
@@ -332,62 +371,28 @@ def every_rank(value):
     return values
 
 
-def rounds_of(variants: dict[str, Callable], rounds: int, steps: int, cpu_share: dict | None = None) -> dict:
-    """Seconds per call of each variant in each round (order rotating across rounds, after a warm-up call),
-    the slowest rank's: a data-parallel step ends when every rank's has. `cpu_share` gets, per variant, the
-    share of a core each rank's process had meanwhile (its CPU time over wall time; on a shared machine, below
-    1 where other processes took the core)."""
+def rounds_of(variants: dict[str, Callable], rounds: int, steps: int) -> dict:
+    """Seconds per call of each variant in each round, order rotating across rounds, after a warm-up call.
+    Wall clock: the slowest rank's (a data-parallel step ends when every rank's has); CPU time: the ranks'
+    mean. `core_share`: per variant and rank, the median share of a core the process had (CPU over wall time:
+    below 1 where other processes took the core or it waited on another rank)."""
     for fn in variants.values():
         fn()
-    names, seconds, shares = list(variants), defaultdict(list), defaultdict(list)
+    names, times = list(variants), defaultdict(list)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            cpu = time.process_time()
-            seconds[name].append(timed(variants[name], steps))
-            shares[name].append((time.process_time() - cpu) / (seconds[name][-1] * steps))
-    ranks = every_rank((dict(seconds), dict(shares)))
-    if cpu_share is not None:
-        cpu_share.update({name: [statistics.median(rank[1][name]) for rank in ranks] for name in names})
-    return {name: [max(values) for values in zip(*(rank[0][name] for rank in ranks))] for name in names}
-
-
-def build(kind: str, cfg: dict, world: int, run_dir: Path, teacher: Path | None = None) -> Trainer:
-    return Trainer(run_spec(cfg["preset"], kind, run_dir, cfg["cache_dir"], world, teacher))
-
-
-def mlm_loss_check(dense: Trainer, moe: Trainer, hf: HFBaseline, batch: Batch) -> dict:
-    """The masked-head MLM loss against HF's full-head forward, same weights and dropout draws."""
-    def seeded(fn):
-        seed_step(dense.spec.seed, 0, dense.rank)
-        return fn().item()
-
-    b = to_device(batch, dense.engine.device)
-    return {
-        "dense": {"ours": seeded(lambda: dense.step_engine.losses(batch, 0, 0)["mlm"]),
-                  "hf_full_head": seeded(lambda: hf.loss(batch))},
-        "moe": {"ours": seeded(lambda: moe.step_engine.losses(batch, 0, 0)["mlm"]),
-                "full_head": seeded(lambda: moe.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                                        labels=b["labels"]).loss)},
-    }
-
-
-def phase_breakdown(trainer: Trainer, batches: list[list[Batch]], steps: int) -> dict[str, float]:
-    """Seconds per step in each phase of the real step, each call drained and timed."""
-    calls = {"teacher forward": (trainer.distillation, "teacher_forward"),
-             "student forward": (trainer.engine, "forward"),
-             "relation losses (forward)": (trainer.distillation, "relation_losses"),
-             "backward (student and relations)": (trainer.engine, "backward"),
-             "optimizer step": (trainer.engine, "step")}
-    calls = {name: call for name, call in calls.items() if call[0] is not None}
-    phases: dict[str, float] = defaultdict(float)
-    with phase_timers(phases, calls):
-        total = timed(engine_stepper(trainer, batches), steps)
-    phases = {name: seconds / steps for name, seconds in phases.items()}
-    return {**phases, "other": total - sum(phases.values()), "total": total}
+            times[name].append(timed(variants[name], steps))
+    ranks = every_rank(dict(times))
+    merge = {"wall": max, "cpu": statistics.mean}
+    out = {clock: {name: [merge[clock](rank[name][i][clock] for rank in ranks) for i in range(rounds)]
+                   for name in names} for clock in clocks()}
+    out["core_share"] = {name: [statistics.median(t["cpu"] / t["wall"] for t in rank[name]) for rank in ranks]
+                         for name in names}
+    return out
 
 
 def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
-    """Everything but the 1-rank comparison, in one world of `world` ranks."""
+    """Everything but the 1-rank comparison and the memory, in one world of `world` ranks."""
     init_rank(rank, world, port, cfg["threads"])
     work = Path(cfg["work"])
     dense = build("dense", cfg, world, work / "teacher")
@@ -419,14 +424,12 @@ def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
         "teacher_cut": lambda: tcd.distillation.teacher_forward(on_device),
         "relations": relation_bench(tcd.distillation.distiller, captures, first["attention_mask"]),
     }
-    cpu_share: dict[str, list[float]] = {}
-    seconds = rounds_of(variants, cfg["rounds"], cfg["steps"], cpu_share)
-    for kind in ("square", "ffn", "projection"):  # the mean over ranks; the first call was the warm-up
-        seconds[f"matmul_{kind}_flops"] = [statistics.mean(p[kind] for p in ranks)
-                                           for ranks in zip(*every_rank(peaks[1:]))]
+    seconds = rounds_of(variants, cfg["rounds"], cfg["steps"])
+    flop_rates = {clock: {kind: [statistics.mean(p[kind][clock] for p in ranks)  # mean over ranks
+                                 for ranks in zip(*every_rank(peaks[1:]))]  # the first call was the warm-up
+                          for kind in ("square", "ffn", "projection")} for clock in clocks()}
 
     breakdown = {name: phase_breakdown(t, batches, cfg["rounds"]) for name, t in (("moe", moe), ("tcd", tcd))}
-
     scan, d = {}, tcd.spec.distill  # relation losses against N, local and global scope, interleaved
     for n in cfg["relation_ns"]:
         for scope in ("local", "global"):
@@ -434,9 +437,9 @@ def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
             distiller = RelationDistiller(spec, tcd.distillation.distiller.plan, config.num_attention_heads)
             scan[f"{n}/{scope}"] = relation_bench(distiller, captures, first["attention_mask"])
     relation_seconds = rounds_of(scan, cfg["rounds"], 3)
-
     profiles = {name: top_ops(variants[name]) for name in ("hf", "dense", "moe", "tcd")}
     syncs = {name: sync_sites(variants[name]) for name in ("dense", "moe", "tcd")}
+
     if rank == 0:
         masked = statistics.mean(int((mb[0]["labels"] != -100).sum()) for mb in batches)
         batch, seq_len = first["input_ids"].shape
@@ -457,9 +460,9 @@ def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
                        "heads": config.num_attention_heads, "vocab": config.vocab_size,
                        "experts": moe_config.num_experts, "moe_layers": moe_config.moe_layers},
             "hf_attn_implementation": hf.attn_implementation, "teacher_layers": layers, "mlm_loss_check": losses,
-            "seconds": seconds, "flops_per_step_per_rank": flops, "breakdown": breakdown,
-            "relation_seconds": relation_seconds, "profiles": profiles, "sync_sites": syncs, "cpu_share": cpu_share,
-            "load_average": os.getloadavg(),
+            "seconds": seconds, "matmul_flops": flop_rates, "flops_per_step_per_rank": flops,
+            "breakdown": breakdown, "relation_seconds": relation_seconds, "profiles": profiles,
+            "sync_sites": syncs, "load_average": os.getloadavg(),
         }
         (work / "main.json").write_text(json.dumps(out))
     dist.barrier()
@@ -473,35 +476,34 @@ def scaling_world(rank: int, world: int, port: int, cfg: dict) -> None:
     trainers = {kind: build(kind, cfg, world, work / f"scale{world}_{kind}", teacher=work / "teacher")
                 for kind in ("dense", "moe", "tcd")}
     batches = [trainers["dense"].train_batches.micro_batches(s) for s in range(4)]
-    cpu_share: dict[str, list[float]] = {}
     seconds = rounds_of({kind: engine_stepper(t, batches) for kind, t in trainers.items()},
-                        cfg["scaling_blocks"], cfg["steps"], cpu_share)
+                        cfg["scaling_blocks"], cfg["steps"])
     if rank == 0:
         with (work / "scaling.jsonl").open("a") as f:
-            f.write(json.dumps({"world_size": world, "seconds": seconds, "cpu_share": cpu_share,
-                                "load_average": os.getloadavg()}) + "\n")
+            f.write(json.dumps({"world_size": world, "seconds": seconds, "load_average": os.getloadavg()}) + "\n")
     dist.barrier()
     dist.destroy_process_group()
 
 
 def memory_world(rank: int, world: int, port: int, cfg: dict) -> None:
     """Per rank: the floor (interpreter, libraries, process group); the state each variant holds after its
-    first step (model, gradients, optimizer state, the data pipeline for the first built); what a step needs on
+    first step (model, gradients, optimizer state; the data pipeline for the first built); what a step needs on
     top of it. On CPU the launch runs with glibc's mmap threshold low, so that freed tensors leave the resident
     set at once and it tracks the live bytes."""
     init_rank(rank, world, port, cfg["threads"])
     work = Path(cfg["work"])
-    floor, state, step, batches = memory_now(), {}, {}, None
+    floor, state, step, trainers = memory_now(), {}, {}, {}
     for kind in ("dense", "moe", "tcd", "hf"):
         before = memory_now()
         if kind == "hf":
+            dense = trainers["dense"]
             hf = HFBaseline(dense.spec, dense.model, dense.engine.device)
             stepper = Stepper(lambda mb, s: hf.step(mb[0]), batches, 0, rank)
         else:
-            trainer = build(kind, cfg, world, work / f"memory_{kind}", teacher=work / "teacher")
-            dense = trainer if kind == "dense" else dense
-            batches = batches or [trainer.train_batches.micro_batches(s) for s in range(2)]
-            stepper = engine_stepper(trainer, batches)
+            trainers[kind] = build(kind, cfg, world, work / f"memory_{kind}", teacher=work / "teacher")
+            if kind == "dense":
+                batches = [trainers[kind].train_batches.micro_batches(s) for s in range(2)]
+            stepper = engine_stepper(trainers[kind], batches)
         stepper()  # the first step allocates the optimizer's state
         state[kind] = memory_now() - before
         step[kind] = step_memory(stepper)
@@ -512,29 +514,21 @@ def memory_world(rank: int, world: int, port: int, cfg: dict) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(fn: Callable, world: int, cfg: dict, env: dict[str, str] | None = None) -> None:
     """`fn(rank, world, port, cfg)` on `world` fresh processes, with `env` added to their environment."""
     saved = dict(os.environ)
     os.environ.update(env or {})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     try:
-        mp.spawn(fn, args=(world, free_port(), cfg), nprocs=world, join=True)
+        mp.spawn(fn, args=(world, port, cfg), nprocs=world, join=True)
     finally:
         os.environ.clear()
         os.environ.update(saved)
 
 
 # --------------------------------------------------------------------------------------------- report
-
-STEP_NAMES = {"hf": "HF BertForMaskedLM + torch AdamW (DDP)", "dense_full_head": "ours, dense, full MLM head",
-              "dense": "ours, dense", "moe": "ours, MoE, MLM only", "tcd": "ours, MoE + TCD"}
 
 
 def spread(values: list[float], best: float) -> dict:
@@ -543,59 +537,70 @@ def spread(values: list[float], best: float) -> dict:
             "rounds": values}
 
 
-def summarize(main: dict, scaling: list[dict], args: argparse.Namespace, command: str) -> dict:
-    """Ratios within each round (then their median over rounds), and per step the median seconds."""
-    s, flops = main["seconds"], main["flops_per_step_per_rank"]
-    world, tokens, rounds = main["world_size"], main["tokens_per_rank_per_step"], range(len(s["dense"]))
+def ratios_on(clock: str, main: dict, scaling: list[dict]) -> dict[str, dict]:
+    """Every ratio on one clock: within each round, and of the best times."""
+    s, flops, peak = main["seconds"][clock], main["flops_per_step_per_rank"], main["matmul_flops"][clock]
+    rounds, world = range(len(s["dense"])), main["world_size"]
 
     def ratio(a: str, b: str) -> tuple[list[float], float]:
         return [s[a][r] / s[b][r] for r in rounds], min(s[a]) / min(s[b])
 
-    peak = s["matmul_square_flops"]
     measured = {
         "tcd_over_moe": ratio("tcd", "moe"),
         "dense_over_hf": ratio("hf", "dense"),
         "relation_share": ratio("relations", "tcd"),
-        **{f"mfu_{v}": ([flops[v] / s[v][r] / peak[r] for r in rounds], flops[v] / min(s[v]) / max(peak))
-           for v in STEP_NAMES},
+        **{f"mfu_{v}": ([flops[v] / s[v][r] / peak["square"][r] for r in rounds],
+                        flops[v] / min(s[v]) / max(peak["square"])) for v in STEPS},
         "masked_head_speedup": ratio("dense_full_head", "dense"),
         "teacher_cut_speedup": ratio("teacher_full", "teacher_cut"),
-        **{f"{kind}_matmul_over_peak": ([s[f"matmul_{kind}_flops"][r] / peak[r] for r in rounds],
-                                        max(s[f"matmul_{kind}_flops"]) / max(peak)) for kind in ("ffn", "projection")},
+        **{f"{kind}_matmul_over_peak": ([peak[kind][r] / peak["square"][r] for r in rounds],
+                                        max(peak[kind]) / max(peak["square"])) for kind in ("ffn", "projection")},
     }
     pairs = list(zip(scaling[0::2], scaling[1::2]))  # launches alternate: 1 rank, then `world` ranks
     for kind in ("dense", "moe", "tcd") if pairs else ():
         # Tokens/s at a fixed per-rank batch: world * t(1 rank) / t(world ranks), per pair of adjacent launches.
-        one = [t for record in scaling if record["world_size"] == 1 for t in record["seconds"][kind]]
-        many = [t for record in scaling if record["world_size"] == world for t in record["seconds"][kind]]
+        runs = {w: [t for rec in scaling if rec["world_size"] == w for t in rec["seconds"][clock][kind]]
+                for w in (1, world)}
         measured[f"scaling_{kind}"] = (
-            [world * statistics.median(a["seconds"][kind]) / statistics.median(b["seconds"][kind]) for a, b in pairs],
-            world * min(one) / min(many),
+            [world * statistics.median(one["seconds"][clock][kind]) / statistics.median(many["seconds"][clock][kind])
+             for one, many in pairs],
+            world * min(runs[1]) / min(runs[world]),
         )
-    ratios = {name: spread(*values) for name, values in measured.items()}
+    return {name: spread(*values) for name, values in measured.items()}
+
+
+def summarize(main: dict, memory: dict, scaling: list[dict], args: argparse.Namespace, command: str) -> dict:
+    """Verdicts on CPU time where there is one (the work a step is, whatever else the machine runs), except
+    for scaling, which is about wall clock (it includes waiting on the other ranks)."""
+    ratios = {clock: ratios_on(clock, main, scaling) for clock in clocks()}
     targets = []
     for name, (key, bound, kind) in TARGETS.items():
-        value = ratios[key]["median"] if key in ratios else None
+        clock = "wall" if key.startswith("scaling") or not on_cpu() else "cpu"
+        value = ratios[clock][key]["median"] if key in ratios[clock] else None
         met = None if value is None else (value <= bound if kind == "max" else value >= bound)
-        targets.append({"target": name, "key": key, "bound": bound, "kind": kind, "value": value, "met": met})
-    steps = {}
-    for v in STEP_NAMES:
-        t = statistics.median(s[v])
-        steps[v] = {"seconds": t, "tokens_per_s": world * tokens / t, "model_flops_per_s_per_rank": flops[v] / t}
+        targets.append({"target": name, "key": key, "bound": bound, "kind": kind, "clock": clock, "value": value,
+                        "met": met})
+    world, tokens = main["world_size"], main["tokens_per_rank_per_step"]
+    steps = {clock: {v: {"seconds": statistics.median(main["seconds"][clock][v]),
+                         "tokens_per_s": world * tokens / statistics.median(main["seconds"][clock][v])}
+                     for v in STEPS} for clock in clocks()}
     mib = {part: [{k: b / 2**20 for k, b in rank.items()} if isinstance(rank, dict) else rank / 2**20
-                  for rank in ranks] for part, ranks in main["memory"].items()}
+                  for rank in ranks] for part, ranks in memory.items()}
     return {
         "command": command, "preset": "quick" if args.quick else "demo", "device": get_accelerator().device_name(),
-        "world_size": world, "threads_per_rank": args.threads, "torch": torch.__version__,
+        "world_size": world, "threads_per_rank": args.threads, "torch": torch.__version__, "clocks": clocks(),
         "rounds": args.rounds, "steps_per_round": args.steps, "tokens_per_rank_per_step": tokens,
         "masked_tokens_per_rank_per_step": main["masked_tokens_per_rank_per_step"], "shapes": main["shapes"],
         "hf_attn_implementation": main["hf_attn_implementation"], "teacher_layers": main["teacher_layers"],
         "mlm_loss_check": main["mlm_loss_check"], "targets": targets, "ratios": ratios, "steps": steps,
-        "matmul_peak_flops_per_rank": statistics.median(s["matmul_square_flops"]),
+        "core_share": main["seconds"]["core_share"], "load_average": main["load_average"],
+        "matmul_peak_flops_per_rank": {c: statistics.median(main["matmul_flops"][c]["square"]) for c in clocks()},
         "breakdown": main["breakdown"], "memory_mib": mib,
-        "relations_ms": {key: 1e3 * statistics.median(v) for key, v in main["relation_seconds"].items()},
-        "seconds": s, "flops_per_step_per_rank": flops, "scaling": scaling, "profiles": main["profiles"],
-        "sync_sites": main["sync_sites"], "cpu_share": main["cpu_share"], "load_average": main["load_average"],
+        "relations_ms": {c: {key: 1e3 * statistics.median(v) for key, v in main["relation_seconds"][c].items()}
+                         for c in clocks()},
+        "seconds": main["seconds"], "matmul_flops": main["matmul_flops"],
+        "flops_per_step_per_rank": main["flops_per_step_per_rank"], "scaling": scaling,
+        "profiles": main["profiles"], "sync_sites": main["sync_sites"],
     }
 
 
@@ -603,7 +608,7 @@ def verdict(t: dict) -> str:
     if t["value"] is None:
         return "not measured (needs more than one rank)"
     off = 100 * (t["value"] / t["bound"] - 1)
-    return f"{'met' if t['met'] else '**missed**'} ({off:+.0f}% against the bound)"
+    return f"{'met' if t['met'] else '**missed**'} on {t['clock']} ({off:+.0f}% against the bound)"
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -612,51 +617,57 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def markdown(r: dict) -> str:
-    ratio = lambda q: f"{q['median']:.3f} ({q['min']:.3f} to {q['max']:.3f})"  # noqa: E731
+    cs = r["clocks"]
+
+    def shown(clock: str, key: str) -> str:
+        q = r["ratios"][clock].get(key)
+        return "-" if q is None else f"{q['median']:.3f} ({q['min']:.3f} to {q['max']:.3f}); best {q['best']:.3f}"
+
+    peak = ", ".join(f"{r['matmul_peak_flops_per_rank'][c] / 1e9:.1f} on {c}" for c in cs)
     lines = [f"Command: `{r['command']}`", "",
              f"{r['device']}, {r['world_size']} ranks x {r['threads_per_rank']} thread(s), torch {r['torch']}; "
              f"{r['tokens_per_rank_per_step']} tokens per rank per step ({r['masked_tokens_per_rank_per_step']:.0f} "
-             f"masked); {r['rounds']} interleaved rounds x {r['steps_per_round']} step(s); ratios taken within a "
-             f"round, medians (min to max) over rounds; \"best\": the ratio of each side's best time. Measured "
-             f"fp32 matrix-product peak: {r['matmul_peak_flops_per_rank'] / 1e9:.1f} GFLOP/s per rank. Load "
-             f"average at the end: {r['load_average'][0]:.1f}.", ""]
-    best = lambda key: f"{r['ratios'][key]['best']:.3f}" if key in r["ratios"] else "-"  # noqa: E731
-    lines += table(["target", "bound", "measured", "best", "verdict"], [
-        [t["target"], f"{'<=' if t['kind'] == 'max' else '>='} {t['bound']}",
-         ratio(r["ratios"][t["key"]]) if t["key"] in r["ratios"] else "-", best(t["key"]), verdict(t)]
-        for t in r["targets"]])
-    lines += [""] + table(["step", "s/step", "tokens/s, all ranks", "model GFLOP/s per rank", "MFU",
-                           "core share per rank"], [
-        [STEP_NAMES[v], f"{st['seconds']:.3f}", f"{st['tokens_per_s']:.0f}",
-         f"{st['model_flops_per_s_per_rank'] / 1e9:.1f}", f"{100 * r['ratios'][f'mfu_{v}']['median']:.0f}%",
-         " / ".join(f"{c:.2f}" for c in r["cpu_share"][v])]
-        for v, st in r["steps"].items()])
+             f"masked); {r['rounds']} interleaved rounds x {r['steps_per_round']} step(s). Each ratio: the median "
+             f"(min to max) over rounds of the ratio within a round; best: the ratio of each side's best time. "
+             f"fp32 matrix-product peak, GFLOP/s per rank: {peak}. Load average at the end: "
+             f"{r['load_average'][0]:.1f}.", ""]
+    lines += table(["target", "bound", *(f"measured, {c}" for c in cs), "verdict"], [
+        [t["target"], f"{'<=' if t['kind'] == 'max' else '>='} {t['bound']}", *(shown(c, t["key"]) for c in cs),
+         verdict(t)] for t in r["targets"]])
+    lines += [""] + table(["step", *(f"s/step, {c}" for c in cs), *(f"tokens/s, {c}" for c in cs),
+                           *(f"MFU, {c}" for c in cs), "core share per rank"], [
+        [name, *(f"{r['steps'][c][v]['seconds']:.3f}" for c in cs),
+         *(f"{r['steps'][c][v]['tokens_per_s']:.0f}" for c in cs),
+         *(f"{100 * r['ratios'][c][f'mfu_{v}']['median']:.0f}%" for c in cs),
+         " / ".join(f"{x:.2f}" for x in r["core_share"][v])] for v, name in STEPS.items()])
     others = ("masked_head_speedup", "teacher_cut_speedup", "ffn_matmul_over_peak", "projection_matmul_over_peak",
-              "scaling_dense", "scaling_moe")
-    lines += [""] + table(["other ratio", "measured", "best"],
-                          [[k, ratio(r["ratios"][k]), best(k)] for k in others if k in r["ratios"]])
+              "scaling_dense", "scaling_moe", "scaling_tcd")
+    lines += [""] + table(["other ratio", *(f"measured, {c}" for c in cs)],
+                          [[k, *(shown(c, k) for c in cs)] for k in others if k in r["ratios"]["wall"]])
     for name, phases in r["breakdown"].items():
-        lines += ["", f"Phases of the {name} step (instrumented: each call drained and timed):", ""]
-        lines += table(["phase", "ms", "share"], [[k, f"{1e3 * v:.1f}", f"{100 * v / phases['total']:.0f}%"]
-                                                  for k, v in phases.items()])
-    ns = sorted({int(key.split("/")[0]) for key in r["relations_ms"]})
+        lines += ["", f"Phases of the {name} step, ms (share), each call drained and timed:", ""]
+        lines += table(["phase", *cs], [[phase, *(f"{1e3 * t[c]:.1f} ({100 * t[c] / phases['total'][c]:.0f}%)"
+                                                  for c in cs)] for phase, t in phases.items()])
+    ns = sorted({int(key.split("/")[0]) for key in r["relations_ms"]["wall"]})
     lines += ["", "Relation losses alone, forward + backward, ms per call:", ""]
-    lines += table(["scope"] + [f"N={n}" for n in ns],
-                   [[scope] + [f"{r['relations_ms'][f'{n}/{scope}']:.2f}" for n in ns] for scope in ("local", "global")])
+    lines += table(["scope, clock"] + [f"N={n}" for n in ns],
+                   [[f"{scope}, {c}"] + [f"{r['relations_ms'][c][f'{n}/{scope}']:.2f}" for n in ns]
+                    for scope in ("local", "global") for c in cs])
     mem = r["memory_mib"]
     lines += ["", "Memory per rank, MiB (rank 0 / rank 1 ...): the state each variant holds after its first step "
               "(the dense one includes the data pipeline), and what a step needs on top of it:", ""]
     lines += table(["", "hf", "dense", "moe", "tcd"], [
-        ["state"] + [" / ".join(f"{rank[v]:.0f}" for rank in mem["state"]) for v in ("hf", "dense", "moe", "tcd")],
-        ["step"] + [" / ".join(f"{rank[v]:.0f}" for rank in mem["step"]) for v in ("hf", "dense", "moe", "tcd")],
-    ])
-    lines.append(f"\nFloor: {' / '.join(f'{m:.0f}' for m in mem['floor'])} MiB.")
+        [part] + [" / ".join(f"{rank[v]:.0f}" for rank in mem[part]) for v in ("hf", "dense", "moe", "tcd")]
+        for part in ("state", "step")])
+    floor = " / ".join(f"{m:.0f}" for m in mem["floor"])
+    lines.append(f"\nFloor (interpreter, libraries, process group): {floor} MiB.")
     if r["scaling"]:
-        lines += ["", "Scaling launches in the order run (fixed per-rank batch): ms per step, median over blocks; "
-                  "the TCD step's core share per rank; the load average:", ""]
-        lines += table(["ranks", "dense", "moe", "tcd", "core share, tcd", "load"], [
-            [rec["world_size"]] + [f"{1e3 * statistics.median(rec['seconds'][k]):.0f}" for k in ("dense", "moe", "tcd")]
-            + [" / ".join(f"{c:.2f}" for c in rec["cpu_share"]["tcd"]), f"{rec['load_average'][0]:.1f}"]
+        lines += ["", "Scaling launches in the order run (fixed per-rank batch): ms per step by clock, median over "
+                  "blocks; the TCD step's core share per rank; the load average:", ""]
+        kinds = ("dense", "moe", "tcd")
+        lines += table(["ranks", *(f"{k}, {c}" for k in kinds for c in cs), "core share, tcd", "load"], [
+            [rec["world_size"], *(f"{1e3 * statistics.median(rec['seconds'][c][k]):.0f}" for k in kinds for c in cs),
+             " / ".join(f"{x:.2f}" for x in rec["seconds"]["core_share"]["tcd"]), f"{rec['load_average'][0]:.1f}"]
             for rec in r["scaling"]])
     for name, ops in r["profiles"].items():
         lines += ["", f"Profile of one {name} step, rank 0, top ops by self time:", ""]
@@ -672,16 +683,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md and work files")
     parser.add_argument("--ranks", type=int, default=2, help="ranks of the main world (capped at the devices)")
     parser.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / ranks)")
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the main comparisons")
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per variant per round")
     parser.add_argument("--scaling-rounds", type=int, default=2, help="interleaved (1 rank, N ranks) launch pairs")
-    parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "tcd_ds"))
+    parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "tcd_ds"), help="tokenizer and data cache")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a couple of steps: checks it runs")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.scaling_rounds = 2, 1, 1
     accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
+    if not on_cpu():
         args.ranks = min(args.ranks, accelerator.device_count())
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.ranks)
     out = Path(args.out).resolve()
@@ -696,17 +707,16 @@ def main(argv: list[str] | None = None) -> int:
         "scaling_blocks": 2 if args.quick else 4,
     }
     spawn(main_world, args.ranks, cfg)
-    if args.ranks > 1:
-        for _ in range(args.scaling_rounds):
-            spawn(scaling_world, 1, cfg)
-            spawn(scaling_world, args.ranks, cfg)
-    spawn(memory_world, args.ranks, cfg, env={"MALLOC_MMAP_THRESHOLD_": "65536"} if accelerator.device_name() == "cpu" else {})
-    main_results = json.loads((work / "main.json").read_text())
-    main_results["memory"] = json.loads((work / "memory.json").read_text())
-    scaling = [json.loads(line) for line in (work / "scaling.jsonl").read_text().splitlines()] if args.ranks > 1 else []
-    command = "DS_ACCELERATOR=cpu " * (accelerator.device_name() == "cpu") + "python tools/bench.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    results = summarize(main_results, scaling, args, command.strip())
+    for _ in range(args.scaling_rounds if args.ranks > 1 else 0):
+        spawn(scaling_world, 1, cfg)
+        spawn(scaling_world, args.ranks, cfg)
+    spawn(memory_world, args.ranks, cfg, env={"MALLOC_MMAP_THRESHOLD_": "65536"} if on_cpu() else {})
+    scaling_file = work / "scaling.jsonl"
+    scaling = [json.loads(line) for line in scaling_file.read_text().splitlines()] if scaling_file.exists() else []
+    command = "DS_ACCELERATOR=cpu " * on_cpu() + "python tools/bench.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    results = summarize(json.loads((work / "main.json").read_text()), json.loads((work / "memory.json").read_text()),
+                        scaling, args, command.strip())
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     report = markdown(results)
     (out / "bench.md").write_text(report)

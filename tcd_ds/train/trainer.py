@@ -196,7 +196,7 @@ class Trainer:
                 record["tokens_per_s"] = tokens_per_step * len(window) / (time.perf_counter() - window_start)
                 if spec.model.moe is not None:
                     record.update(expert_load(self.model))
-                if eval_now or done == end:
+                if eval_now or done == spec.train.steps:
                     record.update(evaluate(engine, self.val_batches))
                 if metrics:
                     metrics.write(record)

@@ -1,0 +1,1 @@
+"""Downstream evaluation of converted models: tasks, metrics, fine-tuning (full or adapters), the MLM probe."""

@@ -1,0 +1,157 @@
+"""The protocol as stages: pre-train teacher, MoE baseline, MoE+TCD (and one TCD run per ablated relation
+location) -> convert each to Hugging Face -> MLM probe on out-of-domain text -> fine-tune on each task and mode.
+
+Layout of the output directory:
+    pretrain/<model>/        run directories (a given `run` is used where it is)
+    hf/<model>/              converted models
+    probe/<model>.json       out-of-domain MLM loss and accuracy
+    finetune/<model>/<task>_<mode>.json
+    stages/, logs/           a marker and a log per stage
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tcd_ds.protocol.preset import Preset, Pretraining, Probe
+from tcd_ds.protocol.stages import Stage, command
+
+
+@dataclass
+class Model:
+    """One row of the comparison: where its run and converted model live, and the key of its pre-training."""
+
+    name: str
+    run_dir: Path
+    pretrain_key: dict
+    pretrain: Stage | None  # None for a given run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def task_name(task: str) -> str:
+    return Path(task).name
+
+
+def pretrain_stage(name: str, spec: str, overrides: list[str], run_dir: Path, preset: Preset, repo: Path,
+                   inputs: dict) -> Stage:
+    """`deepspeed ... launchers/pretrain.py --spec SPEC --overrides...`, exactly as a user runs it. Like torchrun,
+    one OpenMP thread per rank unless OMP_NUM_THREADS says otherwise (ranks share the node's cores)."""
+    overrides = [*overrides, f"--run_dir={run_dir}", "--logging.progress_bar=False"]
+    key = {"spec": spec, "spec_sha256": file_digest(spec), "overrides": overrides, "deepspeed": preset.deepspeed,
+           **inputs}
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+
+    def run(log: Path) -> None:
+        port = [] if any(a.startswith("--master_port") for a in preset.deepspeed) else ["--master_port", str(free_port())]
+        argv = [sys.executable, "-m", "deepspeed.launcher.runner", *preset.deepspeed, *port,
+                str(repo / "launchers" / "pretrain.py"), "--spec", spec, *overrides]
+        command(argv, env)(log)
+
+    return Stage(f"pretrain {name}", key, run, [run_dir])
+
+
+def pretrained_model(name: str, source: Pretraining, preset: Preset, out: Path, repo: Path, extra: list[str] = (),
+                     inputs: dict | None = None) -> Model:
+    if source.run is not None and not extra:
+        run_dir = Path(source.run)
+        latest = run_dir / "checkpoints" / "latest"
+        key = {"run": str(run_dir.resolve()), "checkpoint": latest.read_text().strip() if latest.is_file() else None}
+        return Model(name, run_dir, key, None)
+    spec = source.spec if source.run is None else str(Path(source.run) / "spec.yaml")
+    overrides = [*(source.overrides if source.run is None else []), *extra]
+    run_dir = out / "pretrain" / name
+    stage = pretrain_stage(name, spec, overrides, run_dir, preset, repo, inputs or {})
+    return Model(name, run_dir, stage.key, stage)
+
+
+def models(preset: Preset, out: Path, repo: Path) -> list[Model]:
+    """Teacher, MoE baseline, MoE+TCD, then one TCD student per ablated location, with that location off."""
+    teacher = pretrained_model("teacher", preset.teacher, preset, out, repo)
+    moe = pretrained_model("moe", preset.moe, preset, out, repo)
+    distill_from = [] if preset.tcd.run is not None else [f"--distill.teacher={teacher.run_dir}"]
+    tcd = pretrained_model("tcd", preset.tcd, preset, out, repo, distill_from, {"teacher": teacher.pretrain_key})
+    ablated = [
+        pretrained_model(f"tcd-no_{loc}", preset.tcd, preset, out, repo,
+                         [*distill_from, f"--distill.{loc}.enabled=False"], {"teacher": teacher.pretrain_key})
+        for loc in preset.ablate
+    ]
+    return [teacher, moe, tcd, *ablated]
+
+
+def probe_stage(model: str, hf_dir: Path, probe: Probe, out: Path, key: dict) -> Stage:
+    """The out-of-domain MLM probe, in this process (a forward pass over a few hundred blocks)."""
+    result_file = probe_result(out, model)
+
+    def run(log: Path) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        from tcd_ds.downstream.mlm_probe import mlm_probe
+
+        device = torch.device(get_accelerator().current_device_name())
+        result = mlm_probe(hf_dir, probe.files, device, probe.seq_len, cache_dir=probe.cache_dir)
+        write_json(result_file, {"probe": probe.name, "files": probe.files, **result})
+        log.write_text(json.dumps(result) + "\n")
+
+    return Stage(f"probe {model}", key, run, [result_file])
+
+
+def stages(preset: Preset, out: Path, repo: Path) -> tuple[list[Model], list[Stage]]:
+    """The models compared and every stage, in order."""
+    rows = models(preset, out, repo)
+    result = [m.pretrain for m in rows if m.pretrain is not None]
+    convert_keys = {}
+    for m in rows:
+        hf_dir = out / "hf" / m.name
+        convert_keys[m.name] = {"model": m.pretrain_key}
+        argv = [sys.executable, str(repo / "tools" / "convert_to_hf.py"), str(m.run_dir), str(hf_dir), "--force"]
+        result.append(Stage(f"convert {m.name}", convert_keys[m.name], command(argv), [hf_dir]))
+    for m in rows:
+        key = {"model": convert_keys[m.name], "probe": preset.probe.model_dump()}
+        result.append(probe_stage(m.name, out / "hf" / m.name, preset.probe, out, key))
+    ft = preset.finetune
+    settings = ft.model_dump(exclude={"tasks", "modes"})
+    for m in rows:
+        for task in ft.tasks:
+            for mode in ft.modes:
+                result_file = finetune_result(out, m.name, task, mode)
+                argv = [
+                    sys.executable, str(repo / "launchers" / "finetune.py"), str(out / "hf" / m.name),
+                    "--task", task, "--mode", mode, "--seeds", *map(str, ft.seeds), "--epochs", str(ft.epochs),
+                    "--batch-size", str(ft.batch_size), "--lr", str(ft.lr_full if mode == "full" else ft.lr_adapter),
+                    "--adapter-size", str(ft.adapter_size), "--max-length", str(ft.max_length),
+                    *(["--max-train-examples", str(ft.max_train_examples)] if ft.max_train_examples else []),
+                    "--out", str(result_file),
+                ]
+                key = {"model": convert_keys[m.name], "task": task, "mode": mode, "settings": settings}
+                result.append(Stage(f"finetune {m.name} {task_name(task)} {mode}", key, command(argv), [result_file]))
+    return rows, result
+
+
+def finetune_result(out: Path, model: str, task: str, mode: str) -> Path:
+    return out / "finetune" / model / f"{task_name(task)}_{mode}.json"
+
+
+def probe_result(out: Path, model: str) -> Path:
+    return out / "probe" / f"{model}.json"
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))

@@ -1,0 +1,96 @@
+"""The protocol's PNG plots: pre-training curves, relation losses, expert load per MoE layer, downstream scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tcd_ds.protocol.preset import LOCATIONS  # noqa: E402
+
+Records = dict[str, list[dict]]  # model name -> its metrics.jsonl records
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    picked = [r for r in records if key in r]
+    return [r["step"] for r in picked], [r[key] for r in picked]
+
+
+def pretraining_curves(records: Records, path: Path) -> None:
+    fig, (train, val) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name, rs in records.items():
+        train.plot(*series(rs, "loss/mlm"), label=name)
+        val.plot(*series(rs, "val/loss/mlm"), marker="o", label=name)
+    train.set(title="training MLM loss", xlabel="step", ylabel="loss")
+    val.set(title="validation MLM loss", xlabel="step")
+    val.legend()
+    save(fig, path)
+
+
+def relation_losses(records: Records, path: Path) -> None:
+    """One panel per relation location that any run logged; the teacher and the baseline log none."""
+    locations = [loc for loc in LOCATIONS if any(f"loss/{loc}" in r for rs in records.values() for r in rs)]
+    fig, axes = plt.subplots(1, max(1, len(locations)), figsize=(5 * max(1, len(locations)), 4), squeeze=False)
+    for ax, loc in zip(axes[0], locations):
+        for name, rs in records.items():
+            steps, values = series(rs, f"loss/{loc}")
+            if steps:
+                ax.plot(steps, values, label=name)
+        ax.set(title=f"relation loss: {loc}", xlabel="step", yscale="log")
+        ax.legend()
+    if not locations:
+        axes[0][0].text(0.5, 0.5, "no relation losses logged", ha="center", va="center")
+    save(fig, path)
+
+
+def expert_load(records: Records, path: Path) -> None:
+    """Each MoE model's expert load per layer at its last logged step (bars), against the uniform load."""
+    loads = {name: {k: v for k, v in rs[-1].items() if k.startswith("moe/load/")} for name, rs in records.items()}
+    loads = {name: layers for name, layers in loads.items() if layers}
+    layers = sorted({k for layer_loads in loads.values() for k in layer_loads}, key=lambda k: int(k.rsplit("_", 1)[1]))
+    fig, axes = plt.subplots(1, max(1, len(layers)), figsize=(5 * max(1, len(layers)), 4), squeeze=False)
+    width = 0.8 / max(1, len(loads))
+    for ax, layer in zip(axes[0], layers):
+        for i, (name, layer_loads) in enumerate(loads.items()):
+            fractions = layer_loads[layer]
+            ax.bar([e + i * width for e in range(len(fractions))], fractions, width, label=name)
+            ax.axhline(1 / len(fractions), color="grey", linestyle="--", linewidth=1)
+        ax.set(title=f"expert load, {layer.removeprefix('moe/load/')}", xlabel="expert", ylabel="fraction of tokens")
+        ax.legend()
+    save(fig, path)
+
+
+def downstream_scores(results: dict, path: Path) -> None:
+    """Per task and mode: each seed's score (dots) and the mean with its standard deviation, per model."""
+    columns = list(results["models"][0]["downstream"])
+    fig, axes = plt.subplots(1, len(columns), figsize=(max(5, 1.2 * len(results["models"])) * len(columns), 4),
+                             squeeze=False)
+    names = [m["name"] for m in results["models"]]
+    for ax, column in zip(axes[0], columns):
+        for x, m in enumerate(results["models"]):
+            d = m["downstream"][column]
+            ax.scatter([x] * len(d["scores"]), d["scores"], color="grey", s=12, zorder=2)
+            ax.errorbar(x, d["mean"], yerr=d["std"], fmt="o", color="C0", capsize=4, zorder=3)
+        d = results["models"][0]["downstream"][column]
+        ax.set(title=column, ylabel=f"{d['split']} {d['metric']}", xticks=range(len(names)))
+        ax.set_xticklabels(names, rotation=20)
+    save(fig, path)
+
+
+def save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_plots(records: Records, results: dict, directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{name}.png" for name in ("pretraining", "relation_losses", "expert_load", "downstream")]
+    pretraining_curves(records, paths[0])
+    relation_losses(records, paths[1])
+    expert_load(records, paths[2])
+    downstream_scores(results, paths[3])
+    return paths

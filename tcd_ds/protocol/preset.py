@@ -1,0 +1,136 @@
+"""A protocol preset: which pre-training specs (with which overrides), fine-tuning tasks and seeds, probe text.
+
+One YAML file (ds_configs/protocol_*.yaml) that reuses the pre-training presets with overrides rather than
+copying them; like the run spec it refuses unknown keys and takes `--dotted.key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tcd_ds.spec import DistillSpec, RunSpec, SpecError, apply_overrides
+
+LOCATIONS = ("trunk", "residual_inner", "attention")
+Location = Literal["trunk", "residual_inner", "attention"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Pretraining(Section):
+    """A pre-training run: a run spec with overrides, trained by the protocol, or an existing run directory of
+    ours (`run`), used as it is."""
+
+    spec: str | None = None
+    overrides: list[str] = []
+    run: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Pretraining:
+        if (self.spec is None) == (self.run is None):
+            raise ValueError("give a run spec (spec) or an existing run directory (run), not both or neither")
+        source = Path(self.spec or self.run)
+        if not source.exists():
+            raise ValueError(f"{source} not found (relative to {os.getcwd()})")
+        if self.run is not None and not (source / "spec.yaml").is_file():
+            raise ValueError(f"{source} is not a run directory of ours (no spec.yaml)")
+        return self
+
+    def raw_spec(self) -> dict:
+        """The run's spec as a raw mapping: the spec file with the overrides applied, or the run's resolved spec."""
+        if self.run is not None:
+            return yaml.safe_load((Path(self.run) / "spec.yaml").read_text())
+        return apply_overrides(yaml.safe_load(Path(self.spec).read_text()) or {}, self.overrides)
+
+
+class Finetuning(Section):
+    tasks: Annotated[list[str], Field(min_length=1)] = ["data/tasks/movie_reviews"]
+    modes: Annotated[list[Literal["full", "adapter"]], Field(min_length=1)] = ["full"]
+    seeds: Annotated[list[int], Field(min_length=1)] = [1, 2, 3]
+    epochs: Annotated[int, Field(gt=0)] = 3
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    lr_full: Annotated[float, Field(gt=0)] = 1e-4
+    lr_adapter: Annotated[float, Field(gt=0)] = 1e-3
+    adapter_size: Annotated[int, Field(gt=0)] = 64
+    max_length: Annotated[int, Field(gt=0)] = 128
+    max_train_examples: Annotated[int, Field(gt=0)] | None = None
+
+
+class Probe(Section):
+    """Out-of-domain text for the MLM probe."""
+
+    name: str = "nyt_editorials"
+    files: Annotated[list[str], Field(min_length=1)] = ["data/tasks/nyt_editorials/sentences.txt"]
+    seq_len: Annotated[int, Field(ge=8)] = 128
+    cache_dir: str = ".cache/tcd_ds"
+
+
+class Preset(Section):
+    out_dir: str = "runs/protocol"
+    deepspeed: list[str] = Field(["--num_gpus", "2"], description="arguments of the `deepspeed` runner")
+    teacher: Pretraining
+    moe: Pretraining
+    tcd: Pretraining
+    ablate: list[Location] = Field([], description="relation locations to drop one at a time (extra TCD runs)")
+    finetune: Finetuning = Field(default_factory=Finetuning)
+    probe: Probe = Field(default_factory=Probe)
+
+    @model_validator(mode="after")
+    def _students_differ_only_by_distillation(self) -> Preset:
+        """The comparison is fair only if the baseline is the TCD student without its teacher: same model, data,
+        optimiser and step budget; and a given TCD run must have been distilled from the given teacher."""
+        moe, tcd = self.moe.raw_spec(), self.tcd.raw_spec()
+        if "distill" not in tcd:
+            raise ValueError("tcd: the spec has no distill section")
+        if "distill" in moe:
+            raise ValueError("moe: the baseline has a distill section")
+        differ = [s for s, (a, b) in zip(COMPARED, zip(comparable(moe), comparable(tcd))) if a != b]
+        if differ:
+            raise ValueError(f"moe and tcd must differ only by distillation; they differ in: {', '.join(differ)}")
+        if self.tcd.run is not None:
+            teacher = Path(tcd["distill"]["teacher"]).resolve()
+            if self.teacher.run is None or teacher != Path(self.teacher.run).resolve():
+                raise ValueError(f"tcd: the given run was distilled from {teacher}, which is not the teacher's run")
+        disabled = [loc for loc in self.ablate if loc not in enabled_locations(tcd["distill"])]
+        if disabled:
+            raise ValueError(f"ablate: {disabled} not enabled in the TCD student, nothing to drop")
+        return self
+
+
+COMPARED = ("model", "data", "optim", "train", "seed")
+
+
+def comparable(raw: dict) -> tuple:
+    """What must match between the two students, resolved with the spec's defaults (the distill section is left
+    out: its teacher may not exist yet); the data cache's location does not count."""
+    try:
+        spec = RunSpec.model_validate({k: v for k, v in raw.items() if k != "distill"})
+    except ValidationError as e:
+        raise ValueError(f"invalid student spec: {e}") from None
+    dumped = spec.model_dump()
+    dumped["data"].pop("cache_dir")
+    return tuple(dumped[s] for s in COMPARED)
+
+
+def enabled_locations(distill: dict) -> list[str]:
+    """The relation locations a raw distill section turns on with a positive weight (the spec's defaults apply)."""
+    resolved = DistillSpec.model_validate({**distill, "teacher": "."})  # the teacher is not needed here
+    return [loc for loc in LOCATIONS if getattr(resolved, loc).enabled and getattr(resolved, loc).weight > 0]
+
+
+def load_preset(path: str | os.PathLike, overrides: list[str] = ()) -> Preset:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise SpecError([f"preset file not found: {path}"]) from None
+    data = apply_overrides(data, list(overrides))
+    try:
+        return Preset.model_validate(data)
+    except ValidationError as e:
+        raise SpecError([f"{'.'.join(map(str, err['loc'])) or '<preset>'}: {err['msg']}" for err in e.errors()]) from None
