@@ -1,6 +1,6 @@
 """Benchmarks of the training steps, side by side on the same shapes in one run (issue 8).
 
-    DS_ACCELERATOR=cpu python tools/bench.py [--out bench_out] [--ranks 2] [--rounds 8] [--quick]
+    DS_ACCELERATOR=cpu python tools/bench.py [--out runs/bench] [--ranks 2] [--rounds 8] [--quick]
 
 Measures, on the demo shapes (ds_configs/*_demo*.yaml; --quick: the tiny test shapes, a couple of steps): our
 dense step against what a user would write (HF `BertForMaskedLM`, `torch.optim.AdamW`, DDP); the MoE step with
@@ -680,7 +680,7 @@ def markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md and work files")
+    parser.add_argument("--out", default="runs/bench", help="directory for bench.json, bench.md and work files")
     parser.add_argument("--ranks", type=int, default=2, help="ranks of the main world (capped at the devices)")
     parser.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / ranks)")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the main comparisons")
