@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from tcd_ds.protocol.preset import Preset, Pretraining, Probe
-from tcd_ds.protocol.stages import Stage, command
+from tcd_ds.protocol.preset import Finetuning, Preset, Pretraining, Probe
+from tcd_ds.protocol.stages import Stage, command, in_process
 
 
 @dataclass
@@ -95,33 +95,60 @@ def models(preset: Preset, out: Path, repo: Path) -> list[Model]:
     return [teacher, moe, tcd, *ablated]
 
 
+def accelerator_device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def convert_stage(model: Model, hf_dir: Path, key: dict) -> Stage:
+    """tools/convert_to_hf.py's conversion, in this process."""
+
+    def run() -> None:
+        from tcd_ds.hf.convert import convert
+
+        convert(model.run_dir, hf_dir, force=True)
+
+    return Stage(f"convert {model.name}", key, in_process(run), [hf_dir])
+
+
 def probe_stage(model: str, hf_dir: Path, probe: Probe, out: Path, key: dict) -> Stage:
-    """The out-of-domain MLM probe, in this process (a forward pass over a few hundred blocks)."""
+    """The out-of-domain MLM probe (a forward pass over a few hundred blocks), in this process."""
     result_file = probe_result(out, model)
 
-    def run(log: Path) -> None:
-        from deepspeed.accelerator import get_accelerator
-
+    def run() -> None:
         from tcd_ds.downstream.mlm_probe import mlm_probe
 
-        device = torch.device(get_accelerator().current_device_name())
-        result = mlm_probe(hf_dir, probe.files, device, probe.seq_len, cache_dir=probe.cache_dir)
+        result = mlm_probe(hf_dir, probe.files, accelerator_device(), probe.seq_len, cache_dir=probe.cache_dir)
+        print(result)
         write_json(result_file, {"probe": probe.name, "files": probe.files, **result})
-        log.write_text(json.dumps(result) + "\n")
 
-    return Stage(f"probe {model}", key, run, [result_file])
+    return Stage(f"probe {model}", key, in_process(run), [result_file])
+
+
+def finetune_stage(model: str, hf_dir: Path, task: str, mode: str, ft: Finetuning, out: Path, key: dict) -> Stage:
+    """launchers/finetune.py's fine-tuning over the preset's seeds, in this process."""
+    result_file = finetune_result(out, model, task, mode)
+
+    def run() -> None:
+        from tcd_ds.downstream.finetune import FinetuneConfig, finetune
+        from tcd_ds.downstream.tasks import load_task
+
+        config = FinetuneConfig(
+            mode=mode, epochs=ft.epochs, batch_size=ft.batch_size, lr=ft.lr_full if mode == "full" else ft.lr_adapter,
+            adapter_size=ft.adapter_size, max_length=ft.max_length, max_train_examples=ft.max_train_examples,
+        )
+        write_json(result_file, finetune(hf_dir, load_task(task), config, ft.seeds, accelerator_device()))
+
+    return Stage(f"finetune {model} {task_name(task)} {mode}", key, in_process(run), [result_file])
 
 
 def stages(preset: Preset, out: Path, repo: Path) -> tuple[list[Model], list[Stage]]:
     """The models compared and every stage, in order."""
     rows = models(preset, out, repo)
     result = [m.pretrain for m in rows if m.pretrain is not None]
-    convert_keys = {}
-    for m in rows:
-        hf_dir = out / "hf" / m.name
-        convert_keys[m.name] = {"model": m.pretrain_key}
-        argv = [sys.executable, str(repo / "tools" / "convert_to_hf.py"), str(m.run_dir), str(hf_dir), "--force"]
-        result.append(Stage(f"convert {m.name}", convert_keys[m.name], command(argv), [hf_dir]))
+    convert_keys = {m.name: {"model": m.pretrain_key} for m in rows}
+    result += [convert_stage(m, out / "hf" / m.name, convert_keys[m.name]) for m in rows]
     for m in rows:
         key = {"model": convert_keys[m.name], "probe": preset.probe.model_dump()}
         result.append(probe_stage(m.name, out / "hf" / m.name, preset.probe, out, key))
@@ -130,17 +157,8 @@ def stages(preset: Preset, out: Path, repo: Path) -> tuple[list[Model], list[Sta
     for m in rows:
         for task in ft.tasks:
             for mode in ft.modes:
-                result_file = finetune_result(out, m.name, task, mode)
-                argv = [
-                    sys.executable, str(repo / "launchers" / "finetune.py"), str(out / "hf" / m.name),
-                    "--task", task, "--mode", mode, "--seeds", *map(str, ft.seeds), "--epochs", str(ft.epochs),
-                    "--batch-size", str(ft.batch_size), "--lr", str(ft.lr_full if mode == "full" else ft.lr_adapter),
-                    "--adapter-size", str(ft.adapter_size), "--max-length", str(ft.max_length),
-                    *(["--max-train-examples", str(ft.max_train_examples)] if ft.max_train_examples else []),
-                    "--out", str(result_file),
-                ]
                 key = {"model": convert_keys[m.name], "task": task, "mode": mode, "settings": settings}
-                result.append(Stage(f"finetune {m.name} {task_name(task)} {mode}", key, command(argv), [result_file]))
+                result.append(finetune_stage(m.name, out / "hf" / m.name, task, mode, ft, out, key))
     return rows, result
 
 

@@ -8,10 +8,12 @@ everything downstream of a change runs again too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,28 @@ def command(argv: list[str], env: dict[str, str] | None = None) -> Callable[[Pat
         if code != 0:
             tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
             raise StageFailed(f"exit status {code}; log: {log}; its last lines:\n{tail}")
+
+    return run
+
+
+def in_process(body: Callable[[], None]) -> Callable[[Path], None]:
+    """A stage body that runs `body` in this process with its printed output and progress bars in the stage's
+    log (and transformers' warnings, such as a new classifier head's, only there as well)."""
+
+    def run(log: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                try:
+                    body()
+                except Exception as e:
+                    traceback.print_exc()
+                    raise StageFailed(f"{type(e).__name__}: {e}; log: {log}") from e
+        finally:
+            hf_logging.set_verbosity(verbosity)
 
     return run
 

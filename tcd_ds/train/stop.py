@@ -5,8 +5,8 @@ the `deepspeed` runner. The W&B agent stops a run with SIGTERM to the runner, an
 neither handles nor forwards it (deepspeed 0.19 runner.py): it dies, and its per-node launcher and the ranks
 would train on as orphans. So each rank also watches the runner, its launcher's parent.
 
-Ranks see a request at different moments; one all-reduce per step makes them agree, so all stop after the same
-step (a rank leaving alone would hang the others in their next collective).
+Ranks see a request at different moments; one all-reduce per logged step makes them agree, so all stop after
+the same step (a rank leaving alone would hang the others in their next collective).
 """
 
 from __future__ import annotations

@@ -211,7 +211,9 @@ class Trainer:
                     state["wandb_run_id"] = self.wandb.run_id
                 checkpoint.save(engine, self.run_dir, done, spec.checkpoint.keep_last, state, self.layout)
                 last_saved = done
-            if stop.agreed(engine.device):  # SIGTERM or a dead runner, on any rank: all stop here, between saves
+            # SIGTERM or a dead runner, on any rank: all stop after the same step, between saves. Asked at log
+            # intervals only: the question is a collective that waits on the device.
+            if log_now and stop.agreed(engine.device):
                 break
         progress.close()
         if rank == 0:
