@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from tcd_ds.protocol.plan import stages
-from tcd_ds.protocol.preset import LOCATIONS, enabled_locations, load_preset
+from tcd_ds.protocol.plots import write_plots
+from tcd_ds.protocol.preset import LOCATIONS, load_preset
 from tcd_ds.protocol.report import gather, write_report
 from tcd_ds.protocol.stages import StageFailed, minutes, run_stages
 from tcd_ds.spec import SpecError
@@ -39,10 +40,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        preset = load_preset(args.preset, overrides)
-        if args.ablate is not None:
-            ablate = args.ablate or enabled_locations(preset.tcd.raw_spec()["distill"])
-            preset = load_preset(args.preset, [*overrides, f"--ablate=[{', '.join(ablate)}]"])
+        preset = load_preset(args.preset, overrides, args.ablate)
     except (SpecError, ValueError) as e:
         print(f"invalid protocol preset {args.preset}:", file=sys.stderr)
         for line in str(e).splitlines():
@@ -56,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as e:
         print(f"[protocol] {e}", file=sys.stderr)
         return 1
-    from tcd_ds.protocol.plots import write_plots
-
     results = gather(preset, rows, out)
     table = write_report(results, out)
     plots = write_plots({m.name: read_metrics(m.run_dir / "metrics.jsonl") for m in rows}, results, out / "plots")

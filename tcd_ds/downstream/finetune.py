@@ -2,9 +2,11 @@
 
 Per seed: a fresh classifier on the pre-trained encoder (full fine-tuning, or adapters with the encoder frozen),
 AdamW with linear warm-up and decay, a dev evaluation after each epoch, and the weights of the epoch with the best
-dev score (the task's first metric) evaluated on every evaluation split (test, when the task has one). For an MoE model the loss is the task loss plus
-`balance_weight * balance loss`, as in pre-training: the weight is the model's own (`config.balance_weight`,
-from the run spec) unless `FinetuneConfig.balance_weight` overrides it (0 turns it off).
+dev score (the task's first metric) evaluated on every evaluation split (test, when the task has one).
+
+For an MoE model the loss is the task loss plus `balance_weight * balance loss`, as in pre-training: the weight is
+the model's own (`config.balance_weight`, from the run spec) unless `FinetuneConfig.balance_weight` overrides it
+(0 turns it off).
 """
 
 from __future__ import annotations

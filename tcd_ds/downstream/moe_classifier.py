@@ -72,12 +72,12 @@ class MoEBertForSequenceClassification(BertForSequenceClassification):
             layer.output.dense = BalancedMoEFeedForward(config)
         self.post_init()
 
-    def moe_blocks(self) -> list[BalancedMoEFeedForward]:
-        return [self.bert.encoder.layer[i].output.dense for i in self.config.moe_layers]
+    def moe_blocks(self) -> dict[int, BalancedMoEFeedForward]:
+        return {i: self.bert.encoder.layer[i].output.dense for i in self.config.moe_layers}
 
     def balance_loss(self) -> Tensor:
         """Mean over MoE layers of the last forward's load-balancing loss (unweighted)."""
-        return torch.stack([block.balance_loss for block in self.moe_blocks()]).mean()
+        return torch.stack([block.balance_loss for block in self.moe_blocks().values()]).mean()
 
     def forward(
         self,
@@ -87,7 +87,7 @@ class MoEBertForSequenceClassification(BertForSequenceClassification):
         **kwargs,
     ) -> SequenceClassifierOutput:
         token_mask = None if attention_mask is None else attention_mask.reshape(-1).long()
-        for block in self.moe_blocks():
+        for block in self.moe_blocks().values():
             block.token_mask = token_mask
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 

@@ -59,7 +59,8 @@ def pretrain_stage(name: str, spec: str, overrides: list[str], run_dir: Path, pr
     env = {"OMP_NUM_THREADS": "1", **os.environ}
 
     def run(log: Path) -> None:
-        port = [] if any(a.startswith("--master_port") for a in preset.deepspeed) else ["--master_port", str(free_port())]
+        given_port = any(a.startswith("--master_port") for a in preset.deepspeed)
+        port = [] if given_port else ["--master_port", str(free_port())]
         argv = [sys.executable, "-m", "deepspeed.launcher.runner", *preset.deepspeed, *port,
                 str(repo / "launchers" / "pretrain.py"), "--spec", spec, *overrides]
         command(argv, env)(log)

@@ -58,7 +58,9 @@ def expert_load(records: Records, path: Path) -> None:
             fractions = layer_loads[layer]
             ax.bar([e + i * width for e in range(len(fractions))], fractions, width, label=name)
             ax.axhline(1 / len(fractions), color="grey", linestyle="--", linewidth=1)
-        ax.set(title=f"expert load, {layer.removeprefix('moe/load/')}", xlabel="expert", ylabel="fraction of tokens")
+        experts = range(len(fractions))
+        ax.set(title=f"expert load, {layer.removeprefix('moe/load/')}", xlabel="expert", ylabel="fraction of tokens",
+               xticks=[e + width * (len(loads) - 1) / 2 for e in experts], xticklabels=list(experts))
         ax.legend()
     save(fig, path)
 

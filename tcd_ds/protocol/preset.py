@@ -124,13 +124,22 @@ def enabled_locations(distill: dict) -> list[str]:
     return [loc for loc in LOCATIONS if getattr(resolved, loc).enabled and getattr(resolved, loc).weight > 0]
 
 
-def load_preset(path: str | os.PathLike, overrides: list[str] = ()) -> Preset:
+def load_preset(path: str | os.PathLike, overrides: list[str] = (), ablate: list[str] | None = None) -> Preset:
+    """Read, override and validate a preset. `ablate` (the command line's) replaces the preset's list; empty, it
+    means every location the TCD student has enabled."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise SpecError([f"preset file not found: {path}"]) from None
     data = apply_overrides(data, list(overrides))
     try:
-        return Preset.model_validate(data)
+        preset = Preset.model_validate(data)
+        if ablate is not None:
+            data["ablate"] = list(ablate) or enabled_locations(preset.tcd.raw_spec()["distill"])
+            preset = Preset.model_validate(data)
     except ValidationError as e:
-        raise SpecError([f"{'.'.join(map(str, err['loc'])) or '<preset>'}: {err['msg']}" for err in e.errors()]) from None
+        raise SpecError([
+            f"{'.'.join(map(str, err['loc'])) or '<preset>'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        ]) from None
+    return preset

@@ -93,7 +93,10 @@ def run_stages(stages: list[Stage], out_dir: Path, log: Callable[[str], None] = 
         if previous and previous["key"] != stage.key:
             log(f"{prefix}: its settings or inputs changed since it last ran; starting it over")
             for path in stage.outputs:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
         marker.write_text(json.dumps({"key": stage.key, "done": False}, indent=1))
         log_file = logs / f"{stage.slug}.log"
         log(f"{prefix}: running (log: {log_file})")

@@ -1,0 +1,1 @@
+"""The one-command TCD protocol (launchers/reproduce.py): preset, stages, report and plots."""

@@ -1,0 +1,191 @@
+"""Fine-tuning converted models (launchers/finetune.py): a tiny MoE student learns a task it can learn, adapters
+leave the pre-trained weights alone, the MoE classifier loads every encoder weight and keeps DeepSpeed's balance
+loss, and local task files of each format load."""
+
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.moe.sharded_moe import top1gating
+from transformers import AutoTokenizer
+
+from conftest import REPO
+from tcd_ds.downstream.adapters import add_adapters
+from tcd_ds.downstream.finetune import FinetuneConfig, collate, encode, load_classifier
+from tcd_ds.downstream.moe_classifier import (
+    MoEBertForSequenceClassification, kl_uniform_balance_loss, switch_balance_loss,
+)
+from tcd_ds.downstream.tasks import Example, TaskError, load_task
+from tcd_ds.hf import MoEBertForMaskedLM
+from tcd_ds.hf.convert import convert
+
+
+@pytest.fixture(scope="module")
+def converted(teacher_run, tcd_run, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {"teacher": convert(teacher_run, root / "teacher"), "tcd": convert(tcd_run, root / "tcd")}
+
+
+def write_task(directory: Path, splits: dict[str, list[str]], header: str, task_yaml: str, suffix: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, lines in splits.items():
+        (directory / f"{split}{suffix}").write_text("".join(line + "\n" for line in [header, *lines] if line))
+    (directory / "task.yaml").write_text(task_yaml)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def keyword_task(tmp_path_factory) -> Path:
+    """Eight random Wikipedia words with "excellent" (label 1) or "terrible" (label 0) inserted somewhere: learnable
+    from the words alone, whatever the model learnt in pre-training."""
+    words = [w for line in (REPO / "data/wiki/validation.txt").open() for w in line.split() if w.isalpha()][:3000]
+    rng = random.Random(0)
+    splits = {}
+    for split, n in (("train", 256), ("dev", 128), ("test", 128)):
+        lines = []
+        for _ in range(n):
+            label = rng.randrange(2)
+            sentence = rng.sample(words, 8)
+            sentence.insert(rng.randrange(9), "excellent" if label else "terrible")
+            lines.append(f"{' '.join(sentence)}\t{label}")
+        splits[split] = lines
+    task_yaml = "name: keyword\ntrain: train.tsv\ndev: dev.tsv\ntest: test.tsv\ntext_fields: [sentence]\n" \
+                "metrics: [accuracy, f1]\n"
+    return write_task(tmp_path_factory.mktemp("keyword"), splits, "sentence\tlabel", task_yaml, ".tsv")
+
+
+def finetune_cli(*args) -> int:
+    """launchers/finetune.py's main(), in this process."""
+    spec = importlib.util.spec_from_file_location("finetune_cli", REPO / "launchers" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in args])
+
+
+def test_full_finetuning_of_a_tiny_moe_student_learns_a_learnable_task(converted, keyword_task, tmp_path):
+    out = tmp_path / "keyword.json"
+    assert finetune_cli(converted["tcd"], "--task", keyword_task, "--seeds", 1, 2, "--epochs", 6, "--batch-size", 16,
+                        "--lr", 2e-3, "--out", out) == 0
+    result = json.loads(out.read_text())
+    assert result["seeds"] == [1, 2] and [run["seed"] for run in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        assert run["scores"]["test"]["accuracy"] >= 0.9, run  # chance is 0.5
+        assert run["balance_weight"] == pytest.approx(0.01)  # the run spec's, kept on by default
+        assert all(0.9 < epoch["train_balance_loss"] < 4.0 for epoch in run["epochs"])  # switch l_aux: 1 = uniform
+    test = result["summary"]["test"]["accuracy"]
+    scores = [run["scores"]["test"]["accuracy"] for run in result["runs"]]
+    assert test["mean"] == pytest.approx(sum(scores) / 2)
+    assert test["std"] == pytest.approx(abs(scores[0] - scores[1]) / math.sqrt(2))
+
+
+def test_adapter_mode_with_the_balance_loss_turned_off(converted, keyword_task, tmp_path):
+    out = tmp_path / "off.json"
+    assert finetune_cli(converted["tcd"], "--task", keyword_task, "--mode", "adapter", "--seeds", 1, "--epochs", 1,
+                        "--balance-weight", 0, "--max-train-examples", 32, "--out", out) == 0
+    result = json.loads(out.read_text())
+    run = result["runs"][0]
+    assert result["mode"] == "adapter" and result["config"]["max_train_examples"] == 32
+    assert run["balance_weight"] is None and "train_balance_loss" not in run["epochs"][0]
+    assert math.isfinite(run["epochs"][0]["train_loss"]) and 0 <= run["scores"]["test"]["accuracy"] <= 1
+
+
+def test_adapters_start_as_the_pretrained_model_and_train_alone(converted, keyword_task):
+    """Zero-initialised adapters change nothing at first; a training step then moves adapters, layer norms and
+    the head only, never a pre-trained weight of the encoder."""
+    task = load_task(str(keyword_task))
+    torch.manual_seed(0)
+    model = load_classifier(converted["tcd"], task, FinetuneConfig(), torch.device("cpu")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(converted["tcd"])
+    batch = collate(tokenizer, encode(tokenizer, task.splits["train"][:16], 64), False, torch.device("cpu"))
+    before = model(**batch).logits
+    add_adapters(model, bottleneck=8)
+    assert torch.allclose(model(**batch).logits, before, atol=1e-6)
+
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {n for n, _ in model.named_parameters()
+                       if n.startswith(("adapters.", "classifier.", "bert.pooler.")) or "LayerNorm" in n}
+    assert len([n for n in trained if n.startswith("adapters.")]) == 2 * 2 * 4  # 2 layers x 2 places x 4 tensors
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**batch).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, initial[n])}
+    assert any(n.startswith("adapters.") and n.endswith("up.weight") for n in changed)
+    assert changed <= trained
+    assert not torch.allclose(model.eval()(**batch).logits, before)  # the hooks are in the forward pass
+
+
+def test_moe_classifier_loads_every_encoder_weight_of_the_converted_student(converted):
+    """Its encoder computes exactly what the converted MLM model's encoder does (only the head is new)."""
+    classifier = MoEBertForSequenceClassification.from_pretrained(converted["tcd"], num_labels=2).eval()
+    mlm = MoEBertForMaskedLM.from_pretrained(converted["tcd"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(converted["tcd"])
+    batch = tokenizer(["a short sentence", "another, somewhat longer sentence than that"], padding=True,
+                      return_tensors="pt")
+    for model in (classifier, mlm):  # the MoE layers take their padding mask from the model's forward
+        for block in model.moe_blocks().values():
+            block.token_mask = batch["attention_mask"].reshape(-1)
+    with torch.no_grad():
+        ours = classifier.bert(**batch).last_hidden_state
+        reference = mlm.bert(**batch).last_hidden_state
+    assert torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_switch_balance_loss_equals_deepspeeds_l_aux():
+    torch.manual_seed(0)
+    logits = torch.randn(24, 4)
+    used = (torch.arange(24) % 5 != 4).float()  # some padding
+    l_aux = top1gating(logits, capacity_factor=2.0, min_capacity=4, used_token=used.long())[0]
+    assert switch_balance_loss(logits.softmax(-1), used) == pytest.approx(l_aux.item(), rel=1e-6)
+
+
+def test_kl_uniform_balance_loss_by_hand():
+    # mean routing probabilities over the real tokens: (0.5, 0.25, 0.25); KL to uniform = sum p log(3 p)
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.3, 0.3, 0.4], [0.0, 0.0, 1.0]])
+    expected = 0.5 * math.log(1.5) + 2 * 0.25 * math.log(0.75)
+    assert kl_uniform_balance_loss(probs, torch.tensor([1.0, 1.0, 0.0])).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_local_task_files_of_each_format(tmp_path):
+    pair_yaml = "name: pairs\ntrain: train{s}\ndev: dev{s}\ntext_fields: [a, b]\nlabel_field: y\nkind: regression\n" \
+                "num_labels: 1\nmetrics: [pearson, spearman]\n"
+    rows = ['{"a": "one", "b": "two", "y": 0.5}', '{"a": "three", "b": "four", "y": 2}']
+    task = load_task(str(write_task(tmp_path / "jsonl", {"train": rows, "dev": rows}, "", pair_yaml.format(s=".jsonl"),
+                                    ".jsonl")))
+    assert [(e.texts, e.label) for e in task.splits["dev"]] == [(("one", "two"), 0.5), (("three", "four"), 2.0)]
+    assert task.eval_splits() == ["dev"] and task.main_metric == "pearson"
+
+    named = "name: named\ntrain: train.csv\ndev: dev.csv\ntext_fields: [text]\nlabels: [neg, pos]\nmetrics: [f1]\n"
+    csv_rows = ['"quoted, with a comma",pos', "plain,neg"]
+    task = load_task(str(write_task(tmp_path / "csv", {"train": csv_rows, "dev": csv_rows}, "text,label", named,
+                                    ".csv")))
+    assert [(e.texts, e.label) for e in task.splits["train"]] == [(("quoted, with a comma",), 1), (("plain",), 0)]
+
+    bad = write_task(tmp_path / "bad", {"train": ["x\t7"], "dev": ["x\t1"]}, "sentence\tlabel",
+                     "name: bad\ntrain: train.tsv\ndev: dev.tsv\ntext_fields: [sentence]\nmetrics: [accuracy]\n",
+                     ".tsv")
+    with pytest.raises(TaskError, match=r"train.tsv row 1: label '7' outside 0..1"):
+        load_task(str(bad))
+    with pytest.raises(TaskError, match="neither a task directory nor a GLUE task"):
+        load_task("no_such_task")
+
+
+def test_bundled_movie_review_task_loads_with_its_split():
+    task = load_task(str(REPO / "data" / "tasks" / "movie_reviews"))
+    sizes = {split: len(examples) for split, examples in task.splits.items()}
+    assert sizes == {"train": 8087, "dev": 978, "test": 1007}
+    for examples in task.splits.values():
+        assert 0.45 < sum(e.label for e in examples) / len(examples) < 0.55  # balanced, as the id split keeps it
+    assert task.spec.metrics == ["accuracy", "f1"]
+
+
+def test_pairs_are_encoded_with_segment_ids(converted):
+    tokenizer = AutoTokenizer.from_pretrained(converted["teacher"])
+    (row,) = encode(tokenizer, [Example(("first part", "second part"), 1)], 64)
+    sep = row["input_ids"].index(tokenizer.sep_token_id)
+    assert row["token_type_ids"] == [0] * (sep + 1) + [1] * (len(row["input_ids"]) - sep - 1)

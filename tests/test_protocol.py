@@ -1,0 +1,151 @@
+"""launchers/reproduce.py, the one-command protocol, at the tiny preset: the table and the plots, finished stages
+skipped on rerun, changed settings rerun downstream, the ablation switch and the preset's checks.
+
+The session's tiny teacher and TCD runs (conftest.py) are given to the protocol as existing runs; it pre-trains
+the MoE baseline itself, through the `deepspeed` runner."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import LAUNCH_ENV, REPO
+from tcd_ds.protocol.plan import stages
+from tcd_ds.protocol.preset import load_preset
+from tcd_ds.protocol.stages import Stage, run_stages
+from tcd_ds.spec import SpecError
+from tcd_ds.train.metrics import read_metrics
+
+TINY = REPO / "ds_configs" / "protocol_tiny.yaml"
+BUDGET = "--train.steps=8, --logging.every=1, --train.eval_every=4, --checkpoint.every=4"  # conftest's fast()
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def given_runs(teacher_run: Path, tcd_run: Path, cache_dir: Path) -> list[str]:
+    return ["--teacher.spec=null", f"--teacher.run={teacher_run}", "--tcd.spec=null", f"--tcd.run={tcd_run}",
+            f"--moe.overrides=[{BUDGET}, --data.cache_dir={cache_dir}]", f"--probe.cache_dir={cache_dir}"]
+
+
+def reproduce(out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "launchers" / "reproduce.py"), "--preset", str(TINY), "--out", str(out), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def protocol(tmp_path_factory, teacher_run, tcd_run, cache_dir) -> tuple[Path, list[str], str]:
+    out = tmp_path_factory.mktemp("protocol")
+    args = given_runs(teacher_run, tcd_run, cache_dir)
+    return out, args, reproduce(out, *args).stdout
+
+
+def numbers(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in numbers(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in numbers(v)]
+    return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def test_protocol_writes_one_row_per_model_with_finite_numbers(protocol, teacher_run, tcd_run):
+    out, _, stdout = protocol
+    results = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["teacher", "moe", "tcd"]
+    assert all(math.isfinite(x) for x in numbers(results))
+    runs = {"teacher": teacher_run, "moe": out / "pretrain" / "moe", "tcd": tcd_run}
+    for m in results["models"]:
+        records = read_metrics(runs[m["name"]] / "metrics.jsonl")
+        assert m["pretrain"]["steps"] == records[-1]["step"] == (12 if m["name"] == "teacher" else 8)
+        assert m["pretrain"]["val/loss/mlm"] == records[-1]["val/loss/mlm"]
+        assert 0 < m["ood_mlm"]["loss"] and 0 <= m["ood_mlm"]["accuracy"] <= 1 and m["ood_mlm"]["masked_tokens"] > 0
+        finetuned = json.loads((out / "finetune" / m["name"] / "movie_reviews_full.json").read_text())
+        scores = [run["scores"]["test"]["accuracy"] for run in finetuned["runs"]]
+        row = m["downstream"]["movie_reviews full"]
+        assert row["scores"] == scores and len(scores) == 2  # seeds 1 and 2
+        assert row["mean"] == pytest.approx(sum(scores) / 2)
+    assert not (out / "pretrain" / "teacher").exists() and not (out / "pretrain" / "tcd").exists()  # given runs
+
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["teacher", "moe", "tcd"]  # rows[0] is the rule
+    assert table in stdout
+
+
+def test_protocol_writes_the_plots(protocol):
+    out, _, _ = protocol
+    for name in ("pretraining", "relation_losses", "expert_load", "downstream"):
+        data = (out / "plots" / f"{name}.png").read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, name
+
+
+def test_rerun_skips_every_finished_stage(protocol):
+    out, args, _ = protocol
+    before = (out / "results.json").read_text()
+    stdout = reproduce(out, *args).stdout
+    progress = [line for line in stdout.splitlines() if line.startswith("[protocol ")]
+    assert len(progress) == 10  # 1 pre-training (the given runs have none), 3 conversions, 3 probes, 3 fine-tunings
+    assert all(line.endswith("done in an earlier run, skipped") for line in progress), progress
+    assert (out / "results.json").read_text() == before
+
+
+def test_changed_settings_rerun_the_stage_and_what_follows_it(tmp_path):
+    calls = []
+
+    def plan(teacher_steps: int) -> list[Stage]:
+        teacher = Stage("pretrain teacher", {"steps": teacher_steps}, lambda log: calls.append("teacher"),
+                        [tmp_path / "teacher.out"])
+        student = Stage("finetune teacher", {"model": teacher.key}, lambda log: calls.append("finetune"))
+        other = Stage("pretrain moe", {"steps": 5}, lambda log: calls.append("moe"))
+        return [teacher, student, other]
+
+    (tmp_path / "teacher.out").write_text("old")
+    run_stages(plan(10), tmp_path, log=lambda line: None)
+    run_stages(plan(10), tmp_path, log=lambda line: None)
+    assert calls == ["teacher", "finetune", "moe"]
+    assert (tmp_path / "teacher.out").exists()  # a first run keeps what it finds (a pre-training run resumes)
+    run_stages(plan(20), tmp_path, log=lambda line: None)
+    assert calls == ["teacher", "finetune", "moe", "teacher", "finetune"]
+    assert not (tmp_path / "teacher.out").exists()  # removed before the rerun with new settings
+
+
+def test_ablation_adds_one_tcd_run_per_location_with_it_off(tmp_path):
+    preset = load_preset(TINY, ["--ablate=[trunk, attention]"])
+    rows, plan = stages(preset, tmp_path, REPO)
+    assert [m.name for m in rows] == ["teacher", "moe", "tcd", "tcd-no_trunk", "tcd-no_attention"]
+    pretrain = {s.name: s.key for s in plan if s.name.startswith("pretrain")}
+    tcd, no_trunk = pretrain["pretrain tcd"], pretrain["pretrain tcd-no_trunk"]
+    run_dir = tmp_path / "pretrain" / "tcd-no_trunk"
+    assert no_trunk["overrides"] == [*tcd["overrides"][:-2], "--distill.trunk.enabled=False", f"--run_dir={run_dir}",
+                                     "--logging.progress_bar=False"]
+    assert f"--distill.teacher={tmp_path / 'pretrain' / 'teacher'}" in no_trunk["overrides"]
+    finetunes = [s.name for s in plan if s.name.startswith("finetune")]
+    assert finetunes[-1] == "finetune tcd-no_attention movie_reviews full"
+
+
+def test_ablate_without_locations_drops_each_enabled_one():
+    no_attention = f"--tcd.overrides=[{BUDGET}, --distill.attention.enabled=False]"
+    assert load_preset(TINY, ablate=[]).ablate == ["trunk", "residual_inner", "attention"]
+    assert load_preset(TINY, [no_attention], ablate=[]).ablate == ["trunk", "residual_inner"]
+    assert load_preset(TINY, ["--ablate=[trunk]"], ablate=["attention"]).ablate == ["attention"]
+    with pytest.raises(SpecError, match=r"ablate: \['attention'\] not enabled"):
+        load_preset(TINY, [no_attention], ablate=["attention"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--moe.overrides=[--train.steps=9]", "moe and tcd must differ only by distillation; they differ in: train"),
+    (f"--tcd.overrides=[{BUDGET}, --model.moe.num_experts=2]", "they differ in: model"),
+    ("--ablate=[nowhere]", "ablate"),
+    ("--finetune.seeds=[]", "finetune.seeds"),
+])
+def test_preset_refuses_an_unfair_or_invalid_comparison(override, message):
+    with pytest.raises(SpecError, match=message):
+        load_preset(TINY, [override])
+
+
+def test_a_given_tcd_run_must_come_from_the_given_teacher(tcd_run, tmp_path):
+    with pytest.raises(SpecError, match="not the teacher's run"):
+        load_preset(TINY, ["--tcd.spec=null", f"--tcd.run={tcd_run}"])
