@@ -6,6 +6,8 @@ import importlib.util
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,16 @@ def test_pairs_are_encoded_with_segment_ids(converted):
     (row,) = encode(tokenizer, [Example(("first part", "second part"), 1)], 64)
     sep = row["input_ids"].index(tokenizer.sep_token_id)
     assert row["token_type_ids"] == [0] * (sep + 1) + [1] * (len(row["input_ids"]) - sep - 1)
+
+
+RAW = Path("/work/shared/data/raw")
+
+
+@pytest.mark.skipif(not (RAW / "movieReviewSnippets_GroundTruth.txt").is_file(), reason="raw VADER files not here")
+def test_bundled_task_files_are_what_the_builder_makes(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "build_tasks.py"), str(RAW), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("movie_reviews/train.tsv", "movie_reviews/dev.tsv", "movie_reviews/test.tsv",
+                 "nyt_editorials/sentences.txt"):
+        assert (tmp_path / name).read_bytes() == (REPO / "data" / "tasks" / name).read_bytes(), name
