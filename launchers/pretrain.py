@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(deepspeed_config(spec, world_size), indent=2))
         return 0
     from tcd_ds.distill.teacher import TeacherMismatch
+    from tcd_ds.train.preflight import warn_on_stale_build_locks
     from tcd_ds.train.trainer import NonFiniteTraining, train
 
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        warn_on_stale_build_locks()
     try:
         train(spec)
     except TeacherMismatch as e:  # found once the student's tokenizer exists

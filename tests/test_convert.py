@@ -3,6 +3,7 @@ logits, loading without DeepSpeed (and without our package), fp32 masters of a b
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -107,15 +108,23 @@ def test_loads_in_a_process_without_deepspeed(name, mode, converted, engine_logi
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     torch.testing.assert_close(out["logits"], result["logits"], rtol=0, atol=1e-5)
     assert not any(m.split(".")[0] == "deepspeed" for m in out["loaded"])
+    assert out["encoder_difference"] < 1e-5  # the classifier's encoder is the converted one; only its head is new
     if mode == "package":
         assert (out["class"], out["module"]) == ("MoEBertForMaskedLM", "tcd_ds.hf.modeling_moe_bert")
+        assert (out["classifier_class"], out["classifier_module"]) == (
+            "MoEBertForSequenceClassification", "tcd_ds.hf.modeling_moe_bert")
         assert out["loaded"] == ["tcd_ds", "tcd_ds.hf", "tcd_ds.hf.modeling_moe_bert"]
     elif mode == "remote_code":
         assert out["class"] == "MoEBertForMaskedLM" and out["module"].startswith("transformers_modules.")
+        assert out["classifier_class"] == "MoEBertForSequenceClassification"
+        assert out["classifier_module"] == out["module"]
         assert out["loaded"] == []
     else:
         assert (out["class"], out["module"]) == ("BertForMaskedLM", "transformers.models.bert.modeling_bert")
+        assert out["classifier_class"] == "BertForSequenceClassification"
         assert out["loaded"] == []
+    if mode != "plain":
+        assert math.isfinite(out["balance_loss"]) and out["balance_loss"] > 0
 
 
 def test_teacher_directory_is_plain_bert_with_the_runs_tokenizer(converted, runs):

@@ -9,7 +9,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 import torch
 
-from tcd_ds.hf.modeling_moe_bert import MoEBertConfig, MoEFeedForward
+from tcd_ds.hf.modeling_moe_bert import MoEBertConfig, MoEFeedForward, kl_uniform_balance_loss
 from tcd_ds.models.moe_bert import MoEFeedForward as DeepSpeedMoEFeedForward
 
 H, I, E = 8, 16, 4
@@ -64,6 +64,27 @@ def test_eval_output_equals_deepspeed_when_no_expert_overflows():
     out = run(plain, x, mask)
     torch.testing.assert_close(out, run(deepspeed, x, mask), rtol=0, atol=1e-6)
     assert torch.all(out[-2:] == 0) and torch.all(out[:-2].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("kind", ["switch", "kl_uniform"])
+def test_balance_loss_equals_the_training_layers(kind):
+    """What fine-tuning adds to the task loss is what pre-training did: DeepSpeed's `l_aux` for `switch`, the
+    training layer's KL to uniform for `kl_uniform`; padding excluded from the routing in both."""
+    plain, deepspeed = pair(config(balance_loss=kind, eval_capacity_factor=1.0))
+    plain.eval(), deepspeed.eval()
+    x = skewed_inputs(3, 7) * torch.linspace(0.2, 1.0, H)  # uneven, but not every token to expert 0
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[-1, -3:] = 0
+    run(plain, x, mask), run(deepspeed, x, mask)
+    assert plain.balance_loss.item() == pytest.approx(deepspeed.balance_loss.item(), rel=1e-6)
+    assert plain.balance_loss.item() > (1.0 if kind == "switch" else 0.0) + 1e-3  # not balanced: could be off
+
+
+def test_kl_uniform_balance_loss_by_hand():
+    # mean routing probabilities over the real tokens: (0.5, 0.25, 0.25); KL to uniform = sum p log(3 p)
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.3, 0.3, 0.4], [0.0, 0.0, 1.0]])
+    expected = 0.5 * math.log(1.5) + 2 * 0.25 * math.log(0.75)
+    assert kl_uniform_balance_loss(probs, torch.tensor([1.0, 1.0, 0.0])).item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from deepspeed.utils import safe_get_full_grad
-from transformers import BertForMaskedLM
 
 from conftest import free_port
 from tcd_ds.data.loader import seeded_generator

@@ -1,15 +1,13 @@
 """Faults provoked for real: a truncated checkpoint, a killed rank, a 2-node job on one machine, a change of
-world size and ep_size, and NaN losses inside a real DeepSpeed engine."""
+world size and ep_size, NaN losses inside a real DeepSpeed engine, and a stale op-build lock."""
 
 import os
 import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import psutil
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -17,6 +15,7 @@ from conftest import (
     LAUNCH_ENV, REPO, STUDENT_TCD, TEACHER, fast, final_weights, free_port, launch, launch_command, losses_by_step,
 )
 from tcd_ds.train.metrics import read_metrics
+from tcd_ds.train.preflight import STALE_AFTER_MINUTES, warn_on_stale_build_locks
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
@@ -171,3 +170,16 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, cache_dir):
     assert records[3]["skipped_steps"] == 0 and records[4]["skipped_steps"] == 1 and records[8]["skipped_steps"] == 3
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_8"
     assert (run_dir / "checkpoints" / "step_8" / "manifest.json").exists()
+
+
+def test_a_stale_op_build_lock_is_named_before_the_launch_waits_on_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, building = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other" / "lock"
+    for lock in (stale, building):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - 60 * (STALE_AFTER_MINUTES + 5)
+    os.utime(stale, (old, old))
+    warn_on_stale_build_locks()
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and str(stale) in warnings[0] and "delete" in warnings[0]

@@ -1,6 +1,7 @@
 """Fine-tuning converted models (launchers/finetune.py): a tiny MoE student learns a task it can learn, adapters
-leave the pre-trained weights alone, the MoE classifier loads every encoder weight and keeps DeepSpeed's balance
-loss, and local task files of each format load."""
+leave the pre-trained weights alone, the balance loss stays in the loss, and local task files of each format load.
+(The classifier's encoder against the converted model's: tests/test_convert.py; its balance loss against
+DeepSpeed's: tests/test_convert_routing.py.)"""
 
 import importlib.util
 import json
@@ -10,19 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
-from deepspeed.moe.sharded_moe import top1gating
 from transformers import AutoTokenizer
 
 from conftest import REPO
 from tcd_ds.downstream.adapters import add_adapters
 from tcd_ds.downstream.finetune import FinetuneConfig, collate, encode, load_classifier
-from tcd_ds.downstream.moe_classifier import (
-    MoEBertForSequenceClassification, kl_uniform_balance_loss, switch_balance_loss,
-)
-from tcd_ds.downstream.tasks import Example, TaskError, load_task
-from tcd_ds.hf import MoEBertForMaskedLM
+from tcd_ds.downstream.tasks import GLUE, Example, TaskError, glue_task, load_task
 from tcd_ds.hf.convert import convert
 
 
@@ -122,37 +119,6 @@ def test_adapters_start_as_the_pretrained_model_and_train_alone(converted, keywo
     assert not torch.allclose(model.eval()(**batch).logits, before)  # the hooks are in the forward pass
 
 
-def test_moe_classifier_loads_every_encoder_weight_of_the_converted_student(converted):
-    """Its encoder computes exactly what the converted MLM model's encoder does (only the head is new)."""
-    classifier = MoEBertForSequenceClassification.from_pretrained(converted["tcd"], num_labels=2).eval()
-    mlm = MoEBertForMaskedLM.from_pretrained(converted["tcd"]).eval()
-    tokenizer = AutoTokenizer.from_pretrained(converted["tcd"])
-    batch = tokenizer(["a short sentence", "another, somewhat longer sentence than that"], padding=True,
-                      return_tensors="pt")
-    for model in (classifier, mlm):  # the MoE layers take their padding mask from the model's forward
-        for block in model.moe_blocks().values():
-            block.token_mask = batch["attention_mask"].reshape(-1)
-    with torch.no_grad():
-        ours = classifier.bert(**batch).last_hidden_state
-        reference = mlm.bert(**batch).last_hidden_state
-    assert torch.allclose(ours, reference, atol=1e-6)
-
-
-def test_switch_balance_loss_equals_deepspeeds_l_aux():
-    torch.manual_seed(0)
-    logits = torch.randn(24, 4)
-    used = (torch.arange(24) % 5 != 4).float()  # some padding
-    l_aux = top1gating(logits, capacity_factor=2.0, min_capacity=4, used_token=used.long())[0]
-    assert switch_balance_loss(logits.softmax(-1), used) == pytest.approx(l_aux.item(), rel=1e-6)
-
-
-def test_kl_uniform_balance_loss_by_hand():
-    # mean routing probabilities over the real tokens: (0.5, 0.25, 0.25); KL to uniform = sum p log(3 p)
-    probs = torch.tensor([[0.7, 0.2, 0.1], [0.3, 0.3, 0.4], [0.0, 0.0, 1.0]])
-    expected = 0.5 * math.log(1.5) + 2 * 0.25 * math.log(0.75)
-    assert kl_uniform_balance_loss(probs, torch.tensor([1.0, 1.0, 0.0])).item() == pytest.approx(expected, rel=1e-6)
-
-
 def test_local_task_files_of_each_format(tmp_path):
     pair_yaml = "name: pairs\ntrain: train{s}\ndev: dev{s}\ntext_fields: [a, b]\nlabel_field: y\nkind: regression\n" \
                 "num_labels: 1\nmetrics: [pearson, spearman]\n"
@@ -175,6 +141,20 @@ def test_local_task_files_of_each_format(tmp_path):
         load_task(str(bad))
     with pytest.raises(TaskError, match="neither a task directory nor a GLUE task"):
         load_task("no_such_task")
+
+
+@pytest.mark.parametrize("name", ["mrpc", "stsb", "mnli"])
+def test_glue_tasks_map_the_hubs_columns_and_splits(name):
+    """A DatasetDict shaped as `nyu-mll/glue` has the task (columns, label type, split names), built locally."""
+    fields = GLUE[name]["text_fields"]
+    label = [0.5, 4.25] if name == "stsb" else [1, 0]
+    split = {**{f: [f"{f} one", f"{f} two"] for f in fields}, "label": label, "idx": [0, 1]}
+    hub_splits = ["train", "validation_matched", "validation_mismatched"] if name == "mnli" else ["train", "validation"]
+    task = glue_task(name, datasets.DatasetDict({s: datasets.Dataset.from_dict(split) for s in hub_splits}))
+    assert list(task.splits) == (["train", "dev", "dev_mismatched"] if name == "mnli" else ["train", "dev"])
+    assert task.splits["dev"][1] == Example(tuple(f"{f} two" for f in fields), label[1])
+    assert task.spec.kind == ("regression" if name == "stsb" else "classification")
+    assert task.main_metric == {"mrpc": "f1", "stsb": "pearson", "mnli": "accuracy"}[name]
 
 
 def test_bundled_movie_review_task_loads_with_its_split():

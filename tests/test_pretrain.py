@@ -4,7 +4,6 @@ and MoE+TCD, exact resume, and TCD with zero weights reproducing the baseline.""
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -149,3 +149,18 @@ def test_preset_refuses_an_unfair_or_invalid_comparison(override, message):
 def test_a_given_tcd_run_must_come_from_the_given_teacher(tcd_run, tmp_path):
     with pytest.raises(SpecError, match="not the teacher's run"):
         load_preset(TINY, ["--tcd.spec=null", f"--tcd.run={tcd_run}"])
+
+
+def test_the_cluster_preset_is_a_fair_comparison(tmp_path):
+    """protocol_small.yaml takes its teacher as a trained run, whose tokenizer its students use; with one in place
+    (here a stand-in: its spec and a tokenizer directory), the preset passes every check."""
+    teacher = tmp_path / "teacher_small"
+    (teacher / "tokenizer").mkdir(parents=True)
+    (teacher / "spec.yaml").write_text((REPO / "ds_configs" / "teacher_small.yaml").read_text())
+    preset_file = REPO / "ds_configs" / "protocol_small.yaml"
+    with pytest.raises(SpecError, match="teacher: runs/teacher_small not found"):
+        load_preset(preset_file)
+    tokenizer = f"--data.tokenizer.path={teacher / 'tokenizer'}"
+    preset = load_preset(preset_file, [f"--teacher.run={teacher}", f"--moe.overrides=[{tokenizer}]",
+                                       f"--tcd.overrides=[{tokenizer}]"])
+    assert preset.finetune.modes == ["full", "adapter"] and "stsb" in preset.finetune.tasks

@@ -149,8 +149,12 @@ def load_local_task(directory: Path) -> Task:
 def load_glue_task(name: str) -> Task:
     import datasets
 
+    return glue_task(name, datasets.load_dataset(GLUE_HUB_NAME, name))
+
+
+def glue_task(name: str, data) -> Task:
+    """A GLUE task from its `datasets.DatasetDict` (as the hub's `nyu-mll/glue` has it)."""
     spec = TaskSpec(name=name, train="train", dev="validation", **GLUE[name])
-    data = datasets.load_dataset(GLUE_HUB_NAME, name)
     splits = GLUE_SPLITS.get(name, {"train": "train", "dev": "validation"})
     return Task(spec, {
         ours: [to_example(row, spec, f"{GLUE_HUB_NAME}/{name} {hub}") for row in data[hub]]

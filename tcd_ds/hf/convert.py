@@ -29,6 +29,7 @@ MODELING_FILE = Path(modeling_moe_bert.__file__)
 AUTO_MAP = {
     "AutoConfig": f"{MODELING_FILE.stem}.MoEBertConfig",
     "AutoModelForMaskedLM": f"{MODELING_FILE.stem}.MoEBertForMaskedLM",
+    "AutoModelForSequenceClassification": f"{MODELING_FILE.stem}.MoEBertForSequenceClassification",
 }
 
 

@@ -62,6 +62,10 @@ def usage(is_moe: bool) -> list[str]:
         "- without it: `AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)` runs the",
         "  `modeling_moe_bert.py` shipped here.",
         "",
+        "`AutoModelForSequenceClassification` loads it the same way for fine-tuning (a new pooler and classifier on",
+        "the encoder); `model.balance_loss()` is the last forward's load-balancing loss, to add to the task loss with",
+        "the config's `balance_weight` as pre-training did.",
+        "",
         "Routing is DeepSpeed's top-1 gate in plain PyTorch; in eval, tokens beyond an expert's capacity are",
         "dropped in batch order rather than at random (see the docstring of `modeling_moe_bert.py`).",
     ]

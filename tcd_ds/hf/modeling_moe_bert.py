@@ -23,8 +23,10 @@ Routing is DeepSpeed's top-1 gate (`deepspeed.moe.sharded_moe.top1gating`) writt
   tokens, call the model with one rank's micro-batch.
 - Noise (`noisy_gate_policy`) applies in training only, as in DeepSpeed: `Jitter` scales the gate input by
   U(0.99, 1.01), `RSample` adds Gumbel noise to the logits that pick the expert.
-- Unlike DeepSpeed, a call with fewer tokens than `min_capacity` is allowed (everything fits), and no
-  load-balancing loss is computed.
+- Unlike DeepSpeed, a call with fewer tokens than `min_capacity` is allowed (everything fits).
+- Each MoE FFN keeps its last call's load-balancing loss (`config.balance_loss`), so fine-tuning can train with
+  it as pre-training did: `switch` is DeepSpeed's `l_aux`, `kl_uniform` the KL of the mean routing
+  probabilities to uniform; `model.balance_loss()` is their mean over MoE layers, unweighted.
 """
 
 from __future__ import annotations
@@ -35,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
-from transformers import BertConfig, BertForMaskedLM
-from transformers.modeling_outputs import MaskedLMOutput
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 JITTER = 1e-2  # DeepSpeed's multiplicative_jitter epsilon
 
@@ -94,7 +95,7 @@ class Top1Gate(nn.Module):
         return max(int(torch.ceil(scaled)), self.min_capacity)
 
     def forward(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """x [S, H] -> expert [S] (long), weight [S] (fp32 prob of that expert), kept [S] (bool)."""
+        """x [S, H] -> expert [S] (long), probs [S, E] (fp32), kept [S] (bool)."""
         x = x.float()
         if self.training and self.noisy_gate_policy == "Jitter":
             x = x * torch.empty_like(x).uniform_(1.0 - JITTER, 1.0 + JITTER)
@@ -107,7 +108,7 @@ class Top1Gate(nn.Module):
         kept = torch.ones_like(expert, dtype=torch.bool) if token_mask is None else token_mask.bool()
         if self.drop_tokens:
             kept = kept & self.within_capacity(expert, kept)
-        return expert, probs.gather(1, expert[:, None]).squeeze(1), kept
+        return expert, probs, kept
 
     def within_capacity(self, expert: Tensor, routed: Tensor) -> Tensor:
         """Whether each token is among the first `capacity` routed tokens of its expert, in batch order (eval)
@@ -133,41 +134,71 @@ class Experts(nn.Module):
 
 
 class Top1MoE(nn.Module):
-    """Gate, then each kept token through its expert, scaled by its gate probability: [S, H] -> [S, H]."""
+    """Gate, then each kept token through its expert, scaled by its gate probability: x [S, H] -> output [S, H],
+    with the routing probabilities [S, E] and each token's expert [S] for the balance loss."""
 
     def __init__(self, config: MoEBertConfig):
         super().__init__()
         self.gate = Top1Gate(config)
         self.experts = Experts(config)
 
-    def forward(self, x: Tensor, token_mask: Tensor | None) -> Tensor:
-        expert, weight, kept = self.gate(x, token_mask)
+    def forward(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        expert, probs, kept = self.gate(x, token_mask)
+        weight = probs.gather(1, expert[:, None]).squeeze(1)
         out = torch.zeros_like(x)
         for e, ffn in enumerate(self.experts.deepspeed_experts):
             tokens = torch.nonzero(kept & (expert == e)).squeeze(1)
             routed = weight[tokens, None] * ffn(x[tokens]).float()  # combined in fp32, as DeepSpeed does
             out = out.index_add(0, tokens, routed.to(x.dtype))
-        return out
+        return out, probs, expert
+
+
+def switch_balance_loss(probs: Tensor, expert: Tensor, token_mask: Tensor | None) -> Tensor:
+    """DeepSpeed's top-1 `l_aux` (Switch Transformer): E * sum_e mean_s(probs[s, e]) * mean_s(expert[s] == e), the
+    means over every position of the call, padding counted in the first and routed nowhere in the second."""
+    chosen = F.one_hot(expert, probs.shape[-1]).float()
+    if token_mask is not None:
+        chosen = chosen * token_mask.float().unsqueeze(1)
+    return (probs.mean(dim=0) * chosen.mean(dim=0)).sum() * probs.shape[-1]
+
+
+def kl_uniform_balance_loss(probs: Tensor, token_mask: Tensor | None) -> Tensor:
+    """KL(mean routing probabilities over real tokens || uniform) = sum_e p_e log(E p_e)."""
+    if token_mask is None:
+        mean = probs.mean(dim=0)
+    else:
+        weights = token_mask.to(probs.dtype).unsqueeze(1)
+        mean = (probs * weights).sum(dim=0) / weights.sum().clamp(min=1.0)
+    return torch.xlogy(mean, mean * probs.shape[-1]).sum()
 
 
 class MoEFeedForward(nn.Module):
-    """The MoE FFN as BERT's `output.dense` ([B, T, H] -> [B, T, H]). `token_mask` ([B*T], 1 for real tokens)
-    is set by `MoEBertForMaskedLM.forward`."""
+    """The MoE FFN as BERT's `output.dense` ([B, T, H] -> [B, T, H]), keeping its last call's `balance_loss`.
+    `token_mask` ([B*T], 1 for real tokens) is set by the model's `forward`."""
 
     def __init__(self, config: MoEBertConfig):
         super().__init__()
         self.deepspeed_moe = Top1MoE(config)
+        self.balance_kind = config.balance_loss
         self.token_mask: Tensor | None = None
+        self.balance_loss: Tensor | None = None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        return self.deepspeed_moe(flat, self.token_mask).reshape(hidden_states.shape)
+        out, probs, expert = self.deepspeed_moe(flat, self.token_mask)
+        if self.balance_kind == "switch":
+            self.balance_loss = switch_balance_loss(probs, expert, self.token_mask)
+        else:
+            self.balance_loss = kl_uniform_balance_loss(probs, self.token_mask)
+        return out.reshape(hidden_states.shape)
 
 
-class MoEBertForMaskedLM(BertForMaskedLM):
-    """`BertForMaskedLM` with `config.moe_layers` turned into MoE layers: in an MoE layer `layer.intermediate`
-    is an identity and `layer.output.dense` the whole MoE FFN (H -> H), after which `BertOutput` still applies
-    dropout, the residual add and LayerNorm. `loss` is the MLM loss only."""
+class MoEBertLayers:
+    """Mixin for a BERT model class: `config.moe_layers` become MoE layers, laid out as DeepSpeed's student (in an
+    MoE layer `layer.intermediate` is an identity and `layer.output.dense` the whole MoE FFN, H -> H, after which
+    `BertOutput` still applies dropout, the residual add and LayerNorm), and each call's attention mask reaches
+    them as the token mask. The model's `loss` stays the task's; add `balance_weight * balance_loss()` to train
+    as pre-training did."""
 
     config_class = MoEBertConfig
     config: MoEBertConfig
@@ -187,14 +218,21 @@ class MoEBertForMaskedLM(BertForMaskedLM):
     def moe_blocks(self) -> dict[int, nn.Module]:
         return {i: self.bert.encoder.layer[i].output.dense for i in self.config.moe_layers}
 
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput:
+    def balance_loss(self) -> Tensor:
+        """Mean over MoE layers of the last forward's load-balancing loss (unweighted)."""
+        return torch.stack([block.balance_loss for block in self.moe_blocks().values()]).mean()
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **kwargs):
         token_mask = None if attention_mask is None else attention_mask.reshape(-1).long()
         for block in self.moe_blocks().values():
             block.token_mask = token_mask
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+class MoEBertForMaskedLM(MoEBertLayers, BertForMaskedLM):
+    """`BertForMaskedLM` with MoE layers; `loss` is the MLM loss only."""
+
+
+class MoEBertForSequenceClassification(MoEBertLayers, BertForSequenceClassification):
+    """`BertForSequenceClassification` with MoE layers: a converted student's encoder weights load as they are
+    (its MLM head is dropped; pooler and classifier are new)."""

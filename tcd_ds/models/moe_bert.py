@@ -21,7 +21,6 @@ broadcasts the shared weights from rank 0 and each expert from its expert-data-p
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from torch import Tensor
@@ -78,12 +77,7 @@ class MoEFeedForward(MoE):
         """
         x = hidden_states.reshape(-1, hidden_states.shape[-1]).float()
         probs = F.linear(x, self.deepspeed_moe.gate.wg.weight.float()).softmax(dim=-1)
-        if self.token_mask is None:
-            mean = probs.mean(dim=0)
-        else:
-            weights = self.token_mask.to(probs.dtype).unsqueeze(1)
-            mean = (probs * weights).sum(dim=0) / weights.sum().clamp(min=1.0)
-        return torch.xlogy(mean, mean * self.num_experts).sum()
+        return plain.kl_uniform_balance_loss(probs, self.token_mask)
 
 
 class MoEBertForMaskedLM(plain.MoEBertForMaskedLM):
@@ -103,10 +97,6 @@ class MoEBertForMaskedLM(plain.MoEBertForMaskedLM):
                 p.allreduce = False
                 p.group_name = block.expert_group_name
         return model
-
-    def balance_loss(self) -> Tensor:
-        """Mean over MoE layers of the last forward's load-balancing loss (unweighted: the trainer weighs it)."""
-        return torch.stack([block.balance_loss for block in self.moe_blocks().values()]).mean()
 
     def expert_load(self) -> dict[int, Tensor]:
         """Per MoE layer, the fraction of this rank's (real) tokens whose top-1 choice is each expert."""

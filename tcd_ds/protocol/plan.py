@@ -138,6 +138,7 @@ def finetune_stage(model: str, hf_dir: Path, task: str, mode: str, ft: Finetunin
         config = FinetuneConfig(
             mode=mode, epochs=ft.epochs, batch_size=ft.batch_size, lr=ft.lr_full if mode == "full" else ft.lr_adapter,
             adapter_size=ft.adapter_size, max_length=ft.max_length, max_train_examples=ft.max_train_examples,
+            balance_weight=ft.balance_weight,
         )
         write_json(result_file, finetune(hf_dir, load_task(task), config, ft.seeds, accelerator_device()))
 

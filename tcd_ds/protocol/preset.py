@@ -60,6 +60,8 @@ class Finetuning(Section):
     adapter_size: Annotated[int, Field(gt=0)] = 64
     max_length: Annotated[int, Field(gt=0)] = 128
     max_train_examples: Annotated[int, Field(gt=0)] | None = None
+    balance_weight: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="MoE load-balancing loss weight in fine-tuning; default: the run's; 0: off")
 
 
 class Probe(Section):
