@@ -77,7 +77,8 @@ def test_killed_rank_stops_the_job_and_a_relaunch_ends_where_an_uninterrupted_ru
 
 def test_two_nodes_on_one_machine_train_like_one_node(tmp_path, cache_dir, teacher_run, tcd_run):
     """Two launches, one per node of a 2-host hostfile (1 rank each): the expert-parallel group (ep_size 2)
-    spans the nodes. Same world size as the 1-node TCD run, so the same losses and weights."""
+    spans the nodes. Same world size as the 1-node TCD run, so the same losses and weights. Node 1's command
+    line differs, as a sweep agent's parameters would reach only its own node: every rank runs rank 0's spec."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     run_dir, port = tmp_path / "two_nodes", str(free_port())
@@ -85,6 +86,7 @@ def test_two_nodes_on_one_machine_train_like_one_node(tmp_path, cache_dir, teach
         subprocess.Popen(
             launch_command(
                 STUDENT_TCD, *fast(run_dir, cache_dir), f"--distill.teacher={teacher_run}",
+                *(["--optim.lr=0.5", f"--run_dir={tmp_path / 'elsewhere'}"] if k == 1 else []),
                 runner_args=("--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
                              "--master_addr", "127.0.0.1", "--master_port", port),
             ),
@@ -94,6 +96,8 @@ def test_two_nodes_on_one_machine_train_like_one_node(tmp_path, cache_dir, teach
     ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "rank 1: the run spec resolved here differs from rank 0's" in outputs[1]
+    assert not (tmp_path / "elsewhere").exists()
     assert losses_by_step(run_dir) == losses_by_step(tcd_run)
     assert_same_weights(final_weights(run_dir), final_weights(tcd_run))
 

@@ -109,11 +109,22 @@ class NonFiniteTraining(RuntimeError):
     """Training diverged: too many consecutive steps were skipped for NaN/Inf."""
 
 
+def rank0_spec(spec: RunSpec, rank: int) -> RunSpec:
+    """Every rank runs rank 0's resolved spec. Ranks resolve it from their own environment, and on a multi-node
+    job a sweep agent's parameters and trial run dir (WANDB_*) exist on its own node only."""
+    box = [spec.model_dump(mode="json")]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] != spec.model_dump(mode="json"):
+        print(f"[tcd-ds] rank {rank}: the run spec resolved here differs from rank 0's (sweep parameters given on "
+              "another node?); running rank 0's", flush=True)
+        return RunSpec.model_validate(box[0])
+    return spec
+
+
 class Trainer:
     """A run's components, built from the spec in data-flow order; `fit()` runs the loop."""
 
     def __init__(self, spec: RunSpec):
-        self.spec = spec
         accelerator = get_accelerator()
         deepspeed.init_distributed(
             dist_backend=accelerator.communication_backend_name(),
@@ -122,6 +133,7 @@ class Trainer:
         )
         self.rank, world_size = dist.get_rank(), dist.get_world_size()
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        self.spec = spec = rank0_spec(spec, self.rank)
         self.run_dir = Path(spec.run_dir)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
