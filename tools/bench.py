@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing.util
 import os
 import shutil
 import socket
@@ -391,6 +392,17 @@ def rounds_of(variants: dict[str, Callable], rounds: int, steps: int) -> dict:
     return out
 
 
+def end_world() -> None:
+    """A world's processes end here, once every rank is done, without tearing the process group down: a DDP
+    reducer (the HF baseline's) freed after its gloo group is destroyed can deadlock in the group's destructor,
+    and the results are already on disk. multiprocessing's own exit work still runs (it releases semaphores)."""
+    dist.barrier()
+    multiprocessing.util._exit_function()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
     """Everything but the 1-rank comparison and the memory, in one world of `world` ranks."""
     init_rank(rank, world, port, cfg["threads"])
@@ -465,8 +477,7 @@ def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
             "sync_sites": syncs, "load_average": os.getloadavg(),
         }
         (work / "main.json").write_text(json.dumps(out))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_world()
 
 
 def scaling_world(rank: int, world: int, port: int, cfg: dict) -> None:
@@ -481,8 +492,7 @@ def scaling_world(rank: int, world: int, port: int, cfg: dict) -> None:
     if rank == 0:
         with (work / "scaling.jsonl").open("a") as f:
             f.write(json.dumps({"world_size": world, "seconds": seconds, "load_average": os.getloadavg()}) + "\n")
-    dist.barrier()
-    dist.destroy_process_group()
+    end_world()
 
 
 def memory_world(rank: int, world: int, port: int, cfg: dict) -> None:
@@ -510,8 +520,7 @@ def memory_world(rank: int, world: int, port: int, cfg: dict) -> None:
     memory = {"floor": every_rank(floor), "state": every_rank(state), "step": every_rank(step)}
     if rank == 0:
         (work / "memory.json").write_text(json.dumps(memory))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_world()
 
 
 def spawn(fn: Callable, world: int, cfg: dict, env: dict[str, str] | None = None) -> None:
