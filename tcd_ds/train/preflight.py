@@ -18,9 +18,15 @@ def stale_build_locks(max_age_minutes: float = STALE_AFTER_MINUTES) -> list[tupl
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    now = time.time()
-    ages = [(lock, (now - lock.stat().st_mtime) / 60) for lock in root.glob("*/*/lock")]
-    return [(lock, age) for lock, age in ages if age > max_age_minutes]
+    stale = []
+    for lock in root.glob("*/*/lock"):
+        try:
+            age = (time.time() - lock.stat().st_mtime) / 60
+        except FileNotFoundError:  # the build that held it just finished
+            continue
+        if age > max_age_minutes:
+            stale.append((lock, age))
+    return stale
 
 
 def warn_on_stale_build_locks() -> None:
