@@ -41,8 +41,9 @@ def launch_command(spec: str | Path, *overrides: str, ranks: int = 2, runner_arg
 LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def launch(spec: str | Path, *overrides: str, ranks: int = 2, cwd: Path = REPO, timeout: int = 600, check=True):
-    cmd = launch_command(spec, *overrides, ranks=ranks)
+def launch(spec: str | Path, *overrides: str, ranks: int = 2, cwd: Path = REPO, timeout: int = 600, check=True,
+           runner_args: tuple[str, ...] = ()):
+    cmd = launch_command(spec, *overrides, ranks=ranks, runner_args=runner_args)
     proc = subprocess.run(cmd, cwd=cwd, env=LAUNCH_ENV, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

@@ -4,12 +4,15 @@ and MoE+TCD, exact resume, and TCD with zero weights reproducing the baseline.""
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import LOSSES, REPO, STUDENT_MOE, STUDENT_TCD, TEACHER, fast, final_weights, launch, losses_by_step
+from conftest import (
+    LOSSES, REPO, STUDENT_MOE, STUDENT_TCD, TEACHER, fast, final_weights, free_port, launch, losses_by_step,
+)
 from tcd_ds.train.metrics import read_metrics
 
 
@@ -32,10 +35,13 @@ def test_teacher_run_trains_logs_and_checkpoints(teacher_run):
 
 def test_rerunning_a_finished_run_changes_nothing(teacher_run, cache_dir):
     before = final_weights(teacher_run)
-    launch(TEACHER, *fast(teacher_run, cache_dir, steps=12))
+    port = str(free_port())
+    launch(TEACHER, *fast(teacher_run, cache_dir, steps=12), runner_args=("--master_port", port))
     after = final_weights(teacher_run)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert len(read_metrics(teacher_run / "metrics.jsonl")) == 12
+    # DeepSpeed's CPU all-reduce buffers (one per rank, in /dev/shm) do not outlive the launch
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 @pytest.mark.parametrize("kind", ["dense", "tcd"])

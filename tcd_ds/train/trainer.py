@@ -121,6 +121,17 @@ def rank0_spec(spec: RunSpec, rank: int) -> RunSpec:
     return spec
 
 
+def unlink_shm_comm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce (all ranks on one machine) maps one /dev/shm buffer per rank, 66 MB each, and
+    never unlinks it: every CPU launch would leave its buffers in RAM. Once every rank has mapped every buffer
+    (init_distributed has returned on all ranks: the barrier), each rank unlinks its own name; the mappings stay
+    valid and the memory goes when the processes exit, however they exit."""
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+           f"{os.environ.get('MASTER_PORT', '')}_{rank}"
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
 class Trainer:
     """A run's components, built from the spec in data-flow order; `fit()` runs the loop."""
 
@@ -134,6 +145,7 @@ class Trainer:
         self.rank, world_size = dist.get_rank(), dist.get_world_size()
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.spec = spec = rank0_spec(spec, self.rank)
+        unlink_shm_comm_buffer(self.rank)
         self.run_dir = Path(spec.run_dir)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
