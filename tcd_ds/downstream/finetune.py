@@ -21,10 +21,10 @@ from transformers import (
     AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
 )
 
+import tcd_ds.hf  # noqa: F401  (registers the MoE classes with the Auto classes)
 from tcd_ds.downstream.adapters import add_adapters
 from tcd_ds.downstream.metrics import compute
 from tcd_ds.downstream.tasks import Example, Task
-import tcd_ds.hf  # noqa: F401  (registers the MoE classes with the Auto classes)
 
 Batch = dict[str, torch.Tensor]
 
