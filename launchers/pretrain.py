@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec, agent_overrides(os.environ) + overrides)
         spec.run_dir = agent_run_dir(spec.run_dir, os.environ)
-        from tcd_ds.ds_config import check_world_size, deepspeed_config
+        from tcd_ds.train.ds_config import check_world_size, deepspeed_config
 
         check_world_size(spec, world_size)
         if spec.distill is not None:
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tcd_ds.distill.teacher import TeacherMismatch
     from tcd_ds.train.preflight import warn_on_stale_build_locks
-    from tcd_ds.train.trainer import NonFiniteTraining, train
+    from tcd_ds.train.guard import NonFiniteTraining
+    from tcd_ds.train.trainer import train
 
     if os.environ.get("LOCAL_RANK", "0") == "0":
         warn_on_stale_build_locks()

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from tcd_ds.protocol.plan import stages
 from tcd_ds.protocol.plots import write_plots
-from tcd_ds.protocol.preset import LOCATIONS, load_preset
+from tcd_ds.protocol.preset import load_preset
 from tcd_ds.protocol.report import gather, write_report
 from tcd_ds.protocol.stages import StageFailed, minutes, run_stages
-from tcd_ds.spec import SpecError
+from tcd_ds.rundir import RunDir
+from tcd_ds.spec import RELATION_LOCATIONS, SpecError
 from tcd_ds.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=str(REPO / "ds_configs" / "protocol_demo.yaml"))
     parser.add_argument("--out", help="output directory (default: the preset's out_dir)")
-    parser.add_argument("--ablate", nargs="*", choices=LOCATIONS, default=None,
+    parser.add_argument("--ablate", nargs="*", choices=RELATION_LOCATIONS, default=None,
                         help="drop one relation location at a time: the ones named, or every enabled one")
     return parser.parse_known_args(argv)
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out or preset.out_dir)
     start = time.perf_counter()
-    rows, plan = stages(preset, out, REPO)
+    rows, plan = stages(preset, out)
     try:
         run_stages(plan, out)
     except StageFailed as e:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = gather(preset, rows, out)
     table = write_report(results, out)
-    plots = write_plots({m.name: read_metrics(m.run_dir / "metrics.jsonl") for m in rows}, results, out / "plots")
+    plots = write_plots({m.name: read_metrics(RunDir(m.run_dir).metrics_file) for m in rows}, results, out / "plots")
     print(f"[protocol] report: {out / 'results.md'}, {out / 'results.json'}, plots: "
           f"{', '.join(str(p) for p in plots)}")
     print(f"[protocol] finished in {minutes(time.perf_counter() - start)}\n")

@@ -2,7 +2,7 @@
 
 Every section forbids unknown keys, because DeepSpeed silently ignores a misspelt key and a run that trains
 with a setting the user never got is worse than one that refuses to start. Everything here is checked before
-any process group starts; the DeepSpeed config is generated from it (tcd_ds/ds_config.py).
+any process group starts; the DeepSpeed config is generated from it (tcd_ds/train/ds_config.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Dtype = Literal["fp32", "bf16", "fp16"]
+RelationLocation = Literal["trunk", "residual_inner", "attention"]
+RELATION_LOCATIONS: tuple[RelationLocation, ...] = ("trunk", "residual_inner", "attention")  # DistillSpec fields
 
 
 class Section(BaseModel):
@@ -145,11 +147,7 @@ class TrainSpec(Section):
 
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> TrainSpec:
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size "
-                f"({self.micro_batch_size}); gradient accumulation = global / (micro * world size)"
-            )
+        grad_accum_steps(self.global_batch_size, self.micro_batch_size, world_size=1)
         return self
 
 
@@ -197,7 +195,7 @@ class AttentionRelationSpec(RelationSpec):
 
 
 class DistillSpec(Section):
-    """The frozen teacher and the three relational losses of TCD (DESIGN.md section 1)."""
+    """The frozen teacher and the three relational losses of TCD (README: the method, as configured)."""
 
     teacher: str = Field(description="A teacher run dir of ours, a DeepSpeed checkpoint dir or an HF directory")
     teacher_tag: str | None = None
@@ -245,8 +243,16 @@ class RunSpec(Section):
             raise ValueError(f"distill.num_positions ({self.distill.num_positions}) exceeds the tokens of a micro-batch")
         return self
 
-    def is_moe(self) -> bool:
-        return self.model.moe is not None
+
+def grad_accum_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches per rank and optimizer step; the global batch must split evenly over them."""
+    per_micro_step = micro_batch_size * world_size
+    if global_batch_size % per_micro_step:
+        raise ValueError(
+            f"train.global_batch_size ({global_batch_size}) must be a multiple of train.micro_batch_size x world "
+            f"size ({micro_batch_size} x {world_size}): gradient accumulation = global / (micro x world size)"
+        )
+    return global_batch_size // per_micro_step
 
 
 class SpecError(Exception):

@@ -1,14 +1,13 @@
 """Tests run DeepSpeed on CPU ranks over gloo, offline; these defaults hold before any import of deepspeed."""
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tcd_ds.train.launch import deepspeed_command, free_port  # noqa: F401  (tests import free_port from here)
 from tcd_ds.train.metrics import read_metrics
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -20,22 +19,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_command(spec: str | Path, *overrides: str, ranks: int = 2, runner_args: tuple[str, ...] = ()) -> list[str]:
     """launchers/pretrain.py exactly as a user runs it: through the `deepspeed` runner."""
-    if not any(a.startswith("--master_port") for a in runner_args):
-        runner_args = (*runner_args, "--master_port", str(free_port()))
     if not any(a.startswith("--hostfile") for a in runner_args):
         runner_args = ("--num_gpus", str(ranks), *runner_args)
-    return [
-        sys.executable, "-m", "deepspeed.launcher.runner", *runner_args,
-        str(REPO / "launchers" / "pretrain.py"), "--spec", str(spec), *overrides,
-    ]
+    return deepspeed_command(list(runner_args), spec, list(overrides))
 
 
 LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -18,9 +18,10 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from tcd_ds.data.tokenizer import load_tokenizer
-from tcd_ds.ds_config import deepspeed_config
-from tcd_ds.models import build_model, moe_param_groups
+from tcd_ds.models.build import build_model
+from tcd_ds.models.param_groups import moe_param_groups
 from tcd_ds.spec import load_spec
+from tcd_ds.train.ds_config import deepspeed_config
 from tcd_ds.train.optim import build_optimizer, build_scheduler
 
 BATCH, LENGTH, PADDED = 2, 12, 4  # per rank; the last PADDED positions of the last row are padding

@@ -2,7 +2,7 @@
 
     python tests/load_without_deepspeed.py HF_DIR BATCH_FILE OUT_FILE (package | remote_code | plain)
 
-`package`: `import tcd_ds.hf`, then `AutoModelForMaskedLM.from_pretrained`. `remote_code`: tcd_ds is blocked
+`package`: `tcd_ds.models.register_auto_classes()`, then `AutoModelForMaskedLM.from_pretrained`. `remote_code`: tcd_ds is blocked
 too, and the model comes from the modeling file shipped in HF_DIR (`trust_remote_code=True`). `plain`: tcd_ds
 blocked, no remote code (a teacher). The tokenizer loads with `AutoTokenizer` alike, and
 `AutoModelForSequenceClassification` with the same flag. BATCH_FILE holds `input_ids` and `attention_mask`;
@@ -11,16 +11,22 @@ encoders' outputs, the classifier's balance loss (MoE only), and the imported mo
 """
 
 import importlib.abc
+import importlib.util
 import sys
 
 import torch
 
 
 class Blocked(importlib.abc.MetaPathFinder):
-    """Makes `import NAME` fail as if NAME were not installed."""
+    """Makes NAME look not installed: `import NAME` fails, and `importlib.util.find_spec(NAME)` (how transformers
+    and accelerate ask whether a package is there) answers None."""
 
     def __init__(self, *names: str):
         self.names = names
+        find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, package=None: (
+            None if name.split(".")[0] in names else find_spec(name, package)
+        )
 
     def find_spec(self, fullname, path, target=None):
         if fullname.split(".")[0] in self.names:
@@ -34,7 +40,9 @@ def main() -> None:
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if mode == "package":
-        import tcd_ds.hf  # noqa: F401  (registers the moe_bert Auto classes)
+        from tcd_ds.models import register_auto_classes
+
+        register_auto_classes()
     trust = mode == "remote_code"
     model = AutoModelForMaskedLM.from_pretrained(hf_dir, trust_remote_code=trust).eval()
     AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust)
@@ -49,7 +57,7 @@ def main() -> None:
         "logits": logits.logits, "class": type(model).__name__, "module": type(model).__module__,
         "classifier_class": type(classifier).__name__, "classifier_module": type(classifier).__module__,
         "encoder_difference": (logits.hidden_states[-1] - classified.hidden_states[-1]).abs().max().item(),
-        "balance_loss": classifier.balance_loss().item() if hasattr(classifier, "balance_loss") else None,
+        "balance_loss": classified.aux_loss.item() if "aux_loss" in classified else None,
         "loaded": loaded,
     }, out_file)
 

@@ -13,9 +13,9 @@ import torch
 from transformers import BertForMaskedLM
 
 from conftest import REPO
-from tcd_ds.models import build_dense, build_student
+from tcd_ds.data.mlm import masked_positions
+from tcd_ds.models.build import build_model
 from tcd_ds.spec import ModelSpec, MoESpec
-from tcd_ds.train.engine import masked_positions
 
 V, B, T = 40, 3, 12
 SHAPE = dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position=T, dropout=0.0,
@@ -37,18 +37,17 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_masked_head_loss_and_gradients_equal_hf_full_head():
     torch.manual_seed(0)
-    ours = build_dense(ModelSpec(**SHAPE), V, pad_token_id=0)
+    ours = build_model(ModelSpec(**SHAPE), V, pad_token_id=0)
     reference = BertForMaskedLM(ours.config)  # plain HF: head at every token, HF's own loss
     reference.load_state_dict(ours.state_dict())
     ids, mask, labels = mlm_batch(1)
     positions = masked_positions(labels)
     assert positions.tolist() == [i for i, y in enumerate(labels.reshape(-1).tolist()) if y != -100]
 
-    ours.cls.positions = positions
-    logits = ours(input_ids=ids, attention_mask=mask).logits
-    ours.cls.positions = None
-    assert logits.shape == (len(positions), V)
-    loss = torch.nn.functional.cross_entropy(logits, labels.reshape(-1)[positions])
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels, masked_positions=positions)
+    assert out.logits.shape == (len(positions), V)
+    loss = out.loss
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(out.logits, labels.reshape(-1)[positions]))
     want = reference(input_ids=ids, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
     loss.backward()
@@ -57,7 +56,7 @@ def test_masked_head_loss_and_gradients_equal_hf_full_head():
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
-    # Unset, the head is HF's: full logits.
+    # Without positions, the head is HF's: full logits.
     torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
                                reference(input_ids=ids, attention_mask=mask).logits)
 
@@ -65,15 +64,13 @@ def test_masked_head_loss_and_gradients_equal_hf_full_head():
 def test_masked_head_on_the_moe_student_equals_its_full_head_loss():
     torch.manual_seed(0)
     moe = MoESpec(num_experts=4, layers="every", min_capacity=0, drop_tokens=False)
-    model = build_student(ModelSpec(**SHAPE, moe=moe), V, pad_token_id=0)
+    model = build_model(ModelSpec(**SHAPE, moe=moe), V, pad_token_id=0)
     ids, mask, labels = mlm_batch(2)
     full = model(input_ids=ids, attention_mask=mask).logits.reshape(-1, V)
     labelled = labels.reshape(-1) != -100
     by_hand = torch.nn.functional.cross_entropy(full[labelled], labels.reshape(-1)[labelled])
     positions = masked_positions(labels)
-    model.cls.positions = positions
-    picked = model(input_ids=ids, attention_mask=mask).logits
-    model.cls.positions = None
+    picked = model(input_ids=ids, attention_mask=mask, masked_positions=positions).logits
     torch.testing.assert_close(picked, full[positions])
     torch.testing.assert_close(torch.nn.functional.cross_entropy(picked, labels.reshape(-1)[positions]), by_hand)
 

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForMaskedLM
 
 from conftest import REPO, free_port, launch
-from tcd_ds.hf import MoEBertForMaskedLM
 from tcd_ds.hf.convert import convert, write_atomically
-from tcd_ds.hf.ds_checkpoint import Checkpoint, ConversionError, locate_checkpoint
+from tcd_ds.models.modeling_moe_bert import MoEBertForMaskedLM
+from tcd_ds.rundir import Checkpoint, CheckpointError, locate_checkpoint
 
 STUDENT, TEACHER = REPO / "ds_configs" / "student_tiny_moe.yaml", REPO / "ds_configs" / "teacher_tiny.yaml"
 # Eval capacity factor = num_experts: capacity = every token of a micro-batch, so no expert can overflow and
@@ -94,7 +94,7 @@ def test_converted_logits_equal_the_deepspeed_engines(name, converted, engine_lo
     "name, mode", [("student_ep2", "package"), ("student_ep1", "remote_code"), ("teacher", "plain")]
 )
 def test_loads_in_a_process_without_deepspeed(name, mode, converted, engine_logits, tmp_path):
-    """package: `import tcd_ds.hf` + AutoModelForMaskedLM; remote_code: neither deepspeed nor tcd_ds importable,
+    """package: `register_auto_classes()` + AutoModelForMaskedLM; remote_code: neither deepspeed nor tcd_ds importable,
     the shipped modeling file; plain (teacher): neither importable, no remote code."""
     result = engine_logits[name][0]
     torch.save({"input_ids": result["input_ids"], "attention_mask": result["attention_mask"]}, tmp_path / "batch.pt")
@@ -110,10 +110,10 @@ def test_loads_in_a_process_without_deepspeed(name, mode, converted, engine_logi
     assert not any(m.split(".")[0] == "deepspeed" for m in out["loaded"])
     assert out["encoder_difference"] < 1e-5  # the classifier's encoder is the converted one; only its head is new
     if mode == "package":
-        assert (out["class"], out["module"]) == ("MoEBertForMaskedLM", "tcd_ds.hf.modeling_moe_bert")
+        assert (out["class"], out["module"]) == ("MoEBertForMaskedLM", "tcd_ds.models.modeling_moe_bert")
         assert (out["classifier_class"], out["classifier_module"]) == (
-            "MoEBertForSequenceClassification", "tcd_ds.hf.modeling_moe_bert")
-        assert out["loaded"] == ["tcd_ds", "tcd_ds.hf", "tcd_ds.hf.modeling_moe_bert"]
+            "MoEBertForSequenceClassification", "tcd_ds.models.modeling_moe_bert")
+        assert out["loaded"] == ["tcd_ds", "tcd_ds.models", "tcd_ds.models.modeling_moe_bert"]
     elif mode == "remote_code":
         assert out["class"] == "MoEBertForMaskedLM" and out["module"].startswith("transformers_modules.")
         assert out["classifier_class"] == "MoEBertForSequenceClassification"
@@ -142,7 +142,7 @@ def test_teacher_directory_is_plain_bert_with_the_runs_tokenizer(converted, runs
 
 def test_student_directory_holds_every_expert_by_global_id_and_its_modeling_code(converted, runs):
     out, ckpt = converted["student_ep2"], runs["student_ep2"] / "checkpoints" / "step_4"
-    assert (out / "modeling_moe_bert.py").read_bytes() == (REPO / "tcd_ds" / "hf" / "modeling_moe_bert.py").read_bytes()
+    assert (out / "modeling_moe_bert.py").read_bytes() == (REPO / "tcd_ds" / "models" / "modeling_moe_bert.py").read_bytes()
     config = json.loads((out / "config.json").read_text())
     moe_fields = ("model_type", "ep_size", "moe_layers", "num_experts")
     assert [config[f] for f in moe_fields] == ["moe_bert", 1, [0, 1], 4]
@@ -162,7 +162,7 @@ def test_model_card_names_run_step_and_spec(converted, runs):
     val_loss = [r for r in logged if r["step"] == 4][-1]["val/loss/mlm"]
     for expected in (str(runs["student_ep2"]), "`step_4` (step 4 of 4)", "hidden size 64", "2 layers",
                      "4 top-1 experts", "trained with ep_size 2", "fp32", f"val/loss/mlm: {val_loss:.4g}",
-                     "trust_remote_code=True", "import tcd_ds.hf"):
+                     "trust_remote_code=True", "register_auto_classes()"):
         assert expected in card, expected
     assert "dense BERT" in (converted["teacher"] / "README.md").read_text()
 
@@ -173,7 +173,7 @@ def test_tag_picks_the_checkpoint_from_any_input_form(runs, tmp_path):
     assert locate_checkpoint(run, None) == locate_checkpoint(run / "checkpoints", None) == latest
     assert locate_checkpoint(run / "checkpoints" / "step_4", None) == latest
     assert locate_checkpoint(run / "checkpoints", "step_2") == Checkpoint(run, "step_2")
-    with pytest.raises(ConversionError, match="disagrees"):
+    with pytest.raises(CheckpointError, match="disagrees"):
         locate_checkpoint(run / "checkpoints" / "step_4", "step_2")
 
     convert(run / "checkpoints", tmp_path / "step_2", tag="step_2")

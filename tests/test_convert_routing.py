@@ -9,8 +9,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 import torch
 
-from tcd_ds.hf.modeling_moe_bert import MoEBertConfig, MoEFeedForward, kl_uniform_balance_loss
-from tcd_ds.models.moe_bert import MoEFeedForward as DeepSpeedMoEFeedForward
+from tcd_ds.models.deepspeed_moe import DeepSpeedMoEFeedForward
+from tcd_ds.models.modeling_moe_bert import MoEBertConfig, MoEFeedForward, kl_uniform_balance_loss
 
 H, I, E = 8, 16, 4
 

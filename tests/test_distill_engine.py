@@ -15,11 +15,13 @@ from deepspeed.utils import safe_get_full_grad
 
 from conftest import free_port
 from tcd_ds.data.loader import seeded_generator
-from tcd_ds.distill.distillation import Distillation
+from tcd_ds.distill.tcd import TCD
 from tcd_ds.distill.relations import RelationDistiller, relation_loss
 from tcd_ds.distill.taps import TapPlan, Taps
-from tcd_ds.models import build_model, build_student, moe_param_groups
-from tcd_ds.spec import DistillSpec, ModelSpec, MoESpec, RunSpec
+from tcd_ds.models.build import build_model
+from tcd_ds.models.param_groups import moe_param_groups
+from tcd_ds.spec import DistillSpec, ModelSpec, MoESpec
+from tcd_ds.train.step import TrainStep
 
 WORLD, B, T, V, HEADS, SEED = 2, 2, 10, 30, 2, 7
 SHAPE = dict(hidden_size=16, num_layers=2, num_heads=HEADS, intermediate_size=32, max_position=16, dropout=0.0,
@@ -44,7 +46,7 @@ def batch_of(rank: int) -> dict[str, torch.Tensor]:
 
 def models():
     torch.manual_seed(0)
-    student = build_student(STUDENT, V, pad_token_id=0)
+    student = build_model(STUDENT, V, pad_token_id=0)
     torch.manual_seed(1)
     teacher = build_model(TEACHER, V, pad_token_id=0).bert.eval().requires_grad_(False)
     return student, teacher
@@ -64,25 +66,22 @@ def worker(rank: int, port: int, teacher_dir: str, out: str) -> None:
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=config)
     spec = distill_spec(teacher_dir)
     distiller = RelationDistiller(spec, TapPlan.from_spec(spec, 2), num_heads=HEADS)
-    distillation = Distillation(teacher, student, distiller, seed=SEED, rank=rank)
+    tcd = TCD(teacher, student, distiller)
     teacher_before = {n: p.clone() for n, p in teacher.named_parameters()}
 
     batch = batch_of(rank)
-    distillation.teacher_forward(batch)
+    tcd.teacher_forward(batch)
     engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    losses = distillation.relation_losses(batch["attention_mask"], step=0, micro=0)
-    total = distillation.weighted_sum(losses)
+    losses = tcd.relation_losses(batch["attention_mask"], seeded_generator(SEED, "positions", 0, 0, rank))
+    total = distiller.weighted_sum(losses)
     engine.backward(total)
     grads = {n: safe_get_full_grad(p).clone() for n, p in student.named_parameters()}
     engine.step()
 
     # A few ordinary TCD steps: the teacher must come out bitwise unchanged and without gradients.
-    run_spec = RunSpec.model_construct(model=STUDENT, distill=spec)
-    from tcd_ds.train.engine import DistillationEngine
-
-    step_engine = DistillationEngine(engine, run_spec, distillation)
+    train_step = TrainStep(engine, tcd, SEED, rank)
     for step in range(1, 4):
-        step_engine.step([batch_of(rank + 10 * step)], step)
+        train_step([batch_of(rank + 10 * step)], step)
     teacher_unchanged = all(torch.equal(teacher_before[n], p) for n, p in teacher.named_parameters())
     teacher_grads = [n for n, p in teacher.named_parameters() if p.grad is not None or p.requires_grad]
     if rank == 0:

@@ -130,18 +130,20 @@ def nan_worker(rank: int, port: int, run_dir: str, cache_dir: str, out: str) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", OMP_NUM_THREADS="1")
     from tcd_ds.spec import load_spec
-    from tcd_ds.train.trainer import NonFiniteTraining, Trainer
+    from tcd_ds.train.guard import NonFiniteTraining
+    from tcd_ds.train.trainer import Trainer
 
     spec = load_spec(TEACHER, [f"--run_dir={run_dir}", f"--data.cache_dir={cache_dir}", "--train.steps=20",
                                "--checkpoint.every=2", "--train.max_skipped_steps=3", "--logging.every=1",
                                "--train.eval_every=100", "--logging.progress_bar=False"])
     trainer = Trainer(spec)
-    real_losses, real_step = trainer.step_engine.losses, trainer.step_engine.step
+    real_step = trainer.train_step
+    real_losses = real_step.losses
     moved, current = {}, {}
 
-    def losses(batch, step, micro):
-        out_ = real_losses(batch, step, micro)
-        if step in NAN_STEPS:
+    def losses(batch, relation_positions):
+        out_ = real_losses(batch, relation_positions)
+        if current["step"] in NAN_STEPS:
             out_["total"] = out_["total"] * float("nan")
         return out_
 
@@ -152,7 +154,7 @@ def nan_worker(rank: int, port: int, run_dir: str, cache_dir: str, out: str) -> 
         moved[step_] = not torch.equal(before, trainer.model.bert.embeddings.word_embeddings.weight)
         return terms
 
-    trainer.step_engine.losses, trainer.step_engine.step = losses, step
+    real_step.losses, trainer.train_step = losses, step
     try:
         trainer.fit()
         raised = None

@@ -184,3 +184,34 @@ def test_bundled_task_files_are_what_the_builder_makes(tmp_path):
     for name in ("movie_reviews/train.tsv", "movie_reviews/dev.tsv", "movie_reviews/test.tsv",
                  "nyt_editorials/sentences.txt"):
         assert (tmp_path / name).read_bytes() == (REPO / "data" / "tasks" / name).read_bytes(), name
+
+
+def test_converted_student_fine_tunes_under_transformers_trainer(converted, keyword_task, tmp_path):
+    """HF's MoE contract: the converted student's full forward signature lets `Trainer` pass `labels` and
+    `token_type_ids`, and the loss it trains on is the task loss plus the weighted balance term."""
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    from tcd_ds.models import register_auto_classes
+
+    register_auto_classes()
+    task = load_task(str(keyword_task))
+    tokenizer = AutoTokenizer.from_pretrained(converted["tcd"])
+    rows = encode(tokenizer, task.splits["train"][:64], max_length=32)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(converted["tcd"], num_labels=2)
+    assert model.config.balance_weight > 0
+    seen = []
+
+    class Recording(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            seen.append(sorted(inputs))
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            task_loss = torch.nn.functional.cross_entropy(outputs.logits, inputs["labels"])
+            torch.testing.assert_close(loss, task_loss + model.config.balance_weight * outputs.aux_loss)
+            return (loss, outputs) if return_outputs else loss
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, max_steps=3,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    result = Recording(model=model, args=args, train_dataset=rows, processing_class=tokenizer).train()
+    assert seen and all({"labels", "input_ids", "attention_mask"} <= set(keys) for keys in seen)
+    assert math.isfinite(result.training_loss)

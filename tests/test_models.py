@@ -15,7 +15,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, BertForMaskedLM
 from transformers.models.bert.modeling_bert import BertLayer
 
-from tcd_ds.models import MoEBertConfig, MoEBertForMaskedLM, build_model, moe_param_groups
+from tcd_ds.models import register_auto_classes
+from tcd_ds.models.build import build_model
+from tcd_ds.models.deepspeed_moe import DeepSpeedMoEBertForMaskedLM
+from tcd_ds.models.modeling_moe_bert import MoEBertConfig, MoEBertForMaskedLM
+from tcd_ds.models.param_groups import moe_param_groups
 from tcd_ds.spec import ModelSpec, MoESpec
 
 V, H, L, HEADS, I, P, E = 20, 8, 2, 2, 16, 12, 4  # vocab, hidden, layers, heads, intermediate, positions, experts
@@ -58,7 +62,8 @@ MOE_FFN = 4 * 8 + 4 * FFN  # gate (no bias) + 4 experts = 1152
 
 def test_dense_teacher_matches_spec():
     model = build_model(tiny_spec(), vocab_size=V, pad_token_id=PAD)
-    assert type(model) is BertForMaskedLM
+    assert isinstance(model, BertForMaskedLM)  # HF's class, with the head run at the masked tokens in training
+    assert model.state_dict().keys() == BertForMaskedLM(model.config).state_dict().keys()
     assert count(model) == EMBEDDINGS + L * (ATTENTION + FFN + FFN_NORM) + MLM_HEAD == 1596
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     layer = model.bert.encoder.layer[1]
@@ -72,7 +77,7 @@ def test_dense_teacher_matches_spec():
 def test_student_replaces_the_chosen_ffns():
     spec = tiny_spec(tiny_moe(layers="every_other"), num_layers=4)  # MoE in layers 1 and 3
     model = build_model(spec, vocab_size=V, pad_token_id=PAD)
-    assert isinstance(model, MoEBertForMaskedLM) and model.config.moe_layers == [1, 3]
+    assert isinstance(model, DeepSpeedMoEBertForMaskedLM) and model.config.moe_layers == [1, 3]
     assert count(model) == EMBEDDINGS + 4 * (ATTENTION + FFN_NORM) + 2 * FFN + 2 * MOE_FFN + MLM_HEAD
     for i, layer in enumerate(model.bert.encoder.layer):
         assert isinstance(layer.output.dense, MoE) == (i in (1, 3))
@@ -118,7 +123,7 @@ def test_student_and_teacher_share_hook_paths_and_their_meaning():
             torch.testing.assert_close(seen[f"bert.encoder.layer.{i}"], expected)
 
 
-def gate_inputs(model: MoEBertForMaskedLM, ids, mask) -> dict[int, torch.Tensor]:
+def gate_inputs(model: DeepSpeedMoEBertForMaskedLM, ids, mask) -> dict[int, torch.Tensor]:
     """Run the model, capturing each MoE layer's input (the tokens the gate routes)."""
     seen = {}
     hooks = [
@@ -131,7 +136,7 @@ def gate_inputs(model: MoEBertForMaskedLM, ids, mask) -> dict[int, torch.Tensor]
     return seen
 
 
-def routing_probs(model: MoEBertForMaskedLM, layer: int, x: torch.Tensor) -> torch.Tensor:
+def routing_probs(model: DeepSpeedMoEBertForMaskedLM, layer: int, x: torch.Tensor) -> torch.Tensor:
     """softmax(x W_g^T) in float64, one row per token."""
     wg = model.moe_blocks()[layer].deepspeed_moe.gate.wg.weight.double()
     return (x.reshape(-1, H).double() @ wg.T).softmax(dim=-1)
@@ -148,8 +153,9 @@ def test_kl_uniform_balance_loss_is_kl_of_mean_routing_probs_to_uniform():
         kls.append(sum(p[e] * torch.log(E * p[e]) for e in range(E)))
     expected = torch.stack(kls).mean()
     assert expected > 0
-    torch.testing.assert_close(model.balance_loss().double(), expected, rtol=1e-5, atol=1e-7)
-    model.balance_loss().backward()
+    aux_loss = model(ids, attention_mask=mask).aux_loss
+    torch.testing.assert_close(aux_loss.double(), expected, rtol=1e-5, atol=1e-7)
+    aux_loss.backward()
     assert all(b.deepspeed_moe.gate.wg.weight.grad.abs().sum() > 0 for b in model.moe_blocks().values())
 
 
@@ -164,9 +170,9 @@ def test_switch_balance_loss_and_counts_without_token_dropping():
         counts = torch.bincount(p.argmax(dim=-1), minlength=E)
         assert torch.equal(model.moe_blocks()[i].expert_counts, counts)
         assert counts.sum() == num_tokens
-        torch.testing.assert_close(model.expert_load()[i], counts.float() / num_tokens)
         l_aux.append(E * sum(p[:, e].mean() * counts[e] / num_tokens for e in range(E)))
-    torch.testing.assert_close(model.balance_loss().double(), torch.stack(l_aux).mean(), rtol=1e-5, atol=1e-7)
+    aux_loss = model(ids, attention_mask=mask).aux_loss
+    torch.testing.assert_close(aux_loss.double(), torch.stack(l_aux).mean(), rtol=1e-5, atol=1e-7)
 
 
 def test_padding_takes_no_expert_and_gets_no_moe_output():
@@ -193,8 +199,10 @@ def test_student_mlm_loss_and_gradients_reach_every_routed_expert():
     labels = ids  # every position labelled, so every routed token's expert output reaches the loss
     out = model(ids, attention_mask=mask, labels=labels)
     logits = out.logits.reshape(-1, V)
-    torch.testing.assert_close(out.loss, nn.functional.cross_entropy(logits, labels.reshape(-1)))  # MLM only
-    (out.loss + 0.01 * model.balance_loss()).backward()
+    mlm = nn.functional.cross_entropy(logits, labels.reshape(-1))
+    assert model.config.balance_weight == 0.01 and out.aux_loss > 0
+    torch.testing.assert_close(out.loss, mlm + 0.01 * out.aux_loss)  # HF's MoE contract: the weighted aux is in
+    out.loss.backward()
     for block in model.moe_blocks().values():
         for e, expert in enumerate(block.deepspeed_moe.experts.deepspeed_experts):
             grad = expert.dense_in.weight.grad
@@ -208,6 +216,7 @@ def test_config_and_model_round_trip_through_auto_classes(tmp_path):
     spec = tiny_spec(moe)
     model = build_model(spec, V, PAD).eval()
     model.save_pretrained(tmp_path)
+    register_auto_classes()
     config = AutoConfig.from_pretrained(tmp_path)
     assert type(config) is MoEBertConfig
     fields = ("moe_layers", "num_experts", "ep_size", "capacity_factor", "eval_capacity_factor", "min_capacity",
@@ -216,11 +225,13 @@ def test_config_and_model_round_trip_through_auto_classes(tmp_path):
     assert (config.moe_layers, config.noisy_gate_policy, config.capacity_factor) == ([0], "RSample", 2.0)
 
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
-    assert type(loaded) is MoEBertForMaskedLM
+    assert type(loaded) is MoEBertForMaskedLM  # explicit registration: the DeepSpeed-free class, whatever was imported
+    training = DeepSpeedMoEBertForMaskedLM.from_pretrained(tmp_path).eval()
     ids, mask = batch(pad_last=1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
-    experts = [n for n, p in loaded.named_parameters() if is_moe_param(p)]
+        torch.testing.assert_close(training(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+    experts = [n for n, p in training.named_parameters() if is_moe_param(p)]  # DeepSpeed's tags survive loading
     assert len(experts) == E * 4 and all(".deepspeed_experts." in n for n in experts)
 
 

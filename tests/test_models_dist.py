@@ -5,7 +5,6 @@ import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import socket
 
 import deepspeed
 import torch
@@ -13,8 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from deepspeed.moe.layer import MoE
 
-from tcd_ds.models import build_student, moe_param_groups
+from tcd_ds.models.build import build_model
+from tcd_ds.models.param_groups import moe_param_groups
 from tcd_ds.spec import ModelSpec, MoESpec
+from tcd_ds.train.launch import free_port
 
 V, H, E = 20, 8, 4
 
@@ -32,11 +33,6 @@ def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def spawn(worker, world_size: int) -> None:
     mp.spawn(worker, args=(world_size, free_port()), nprocs=world_size, join=True)
@@ -51,7 +47,7 @@ def init_rank(rank: int, world_size: int, port: int) -> None:
 def engine_step_worker(rank: int, world_size: int, port: int) -> None:
     init_rank(rank, world_size, port)
     torch.manual_seed(0)
-    model = build_student(spec(ep_size=1), V, pad_token_id=0)
+    model = build_model(spec(ep_size=1), V, pad_token_id=0)
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "zero_optimization": {"stage": 2, "contiguous_gradients": True, "reduce_scatter": True},
@@ -62,7 +58,7 @@ def engine_step_worker(rank: int, world_size: int, port: int) -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids, mask = rank_batch(rank)
     out = engine(ids, attention_mask=mask, labels=ids)
-    loss = out.loss + 0.01 * model.balance_loss()
+    loss = out.loss
     assert torch.isfinite(loss)
     engine.backward(loss)
     engine.step()
@@ -81,7 +77,7 @@ def test_engine_trains_the_student_on_one_rank():
 def expert_parallel_worker(rank: int, world_size: int, port: int) -> None:
     init_rank(rank, world_size, port)
     torch.manual_seed(0)  # same shared weights on both ranks, as the engine's broadcast would make them
-    model = build_student(spec(ep_size=world_size, drop_tokens=False), V, pad_token_id=0)
+    model = build_model(spec(ep_size=world_size, drop_tokens=False), V, pad_token_id=0)
     torch.manual_seed(1 + rank)  # each rank's experts distinct, so a mix-up between ranks shows
     for block in model.moe_blocks().values():
         assert len(block.deepspeed_moe.experts.deepspeed_experts) == E // world_size
@@ -108,7 +104,7 @@ def expert_parallel_worker(rank: int, world_size: int, port: int) -> None:
             dist.all_gather(gathered, value.contiguous())
             for r, tensor in enumerate(gathered):
                 full_state[f"{prefix}.deepspeed_experts.{r * local + int(j)}.{param}"] = tensor
-    reference = build_student(spec(ep_size=1, drop_tokens=False), V, pad_token_id=0)
+    reference = build_model(spec(ep_size=1, drop_tokens=False), V, pad_token_id=0)
     reference.load_state_dict(full_state, strict=True)
     ref_out = reference(ids, attention_mask=mask, labels=ids)
     torch.testing.assert_close(out.logits, ref_out.logits)

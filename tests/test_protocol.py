@@ -114,7 +114,7 @@ def test_changed_settings_rerun_the_stage_and_what_follows_it(tmp_path):
 
 def test_ablation_adds_one_tcd_run_per_location_with_it_off(tmp_path):
     preset = load_preset(TINY, ["--ablate=[trunk, attention]"])
-    rows, plan = stages(preset, tmp_path, REPO)
+    rows, plan = stages(preset, tmp_path)
     assert [m.name for m in rows] == ["teacher", "moe", "tcd", "tcd-no_trunk", "tcd-no_attention"]
     pretrain = {s.name: s.key for s in plan if s.name.startswith("pretrain")}
     tcd, no_trunk = pretrain["pretrain tcd"], pretrain["pretrain tcd-no_trunk"]

@@ -1,7 +1,6 @@
 """Relational losses against naive references, and `scope: global` against one process holding the whole batch."""
 
 import math
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from transformers import BertConfig, BertForMaskedLM
 from tcd_ds.distill.relations import RelationDistiller, relation_loss, sample_positions
 from tcd_ds.distill.taps import TapPlan, Taps
 from tcd_ds.spec import AttentionRelationSpec, DistillSpec, RelationSpec
+from tcd_ds.train.launch import free_port
 
 HIDDEN, LAYERS, HEADS, SEQ = 32, 3, 4, 8
 
@@ -216,11 +216,6 @@ def _global_worker(rank: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_global_scope_equals_one_process_with_the_concatenated_batch(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from tcd_ds.ds_config import check_world_size, deepspeed_config
+from tcd_ds.train.ds_config import check_world_size, deepspeed_config
 from tcd_ds.spec import SpecError, load_spec
 
 

@@ -10,7 +10,9 @@ from transformers import BertForMaskedLM, PreTrainedTokenizerFast
 from tcd_ds.distill.relations import RelationDistiller
 from tcd_ds.distill.taps import TapPlan, Taps, encoder_layers
 from tcd_ds.distill.teacher import check_teacher_compatible, load_teacher
-from tcd_ds.models import build_model, moe_bert_config
+from tcd_ds.models.build import build_model
+from tcd_ds.models.configs import moe_bert_config
+from tcd_ds.rundir import Checkpoint
 from tcd_ds.spec import DistillSpec, ModelSpec, MoESpec
 
 DENSE = ModelSpec(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, max_position=16)
@@ -49,7 +51,8 @@ def hf_dir(tmp_path):
 
 @pytest.fixture
 def run_dir(tmp_path):
-    """Our run layout: spec.yaml, tokenizer/, checkpoints/<tag>/mp_rank_00_model_states.pt, checkpoints/latest."""
+    """Our run layout: spec.yaml, tokenizer/, checkpoints/<tag>/{mp_rank_00_model_states.pt, manifest.json},
+    checkpoints/latest."""
     path = tmp_path / "run"
     (path / "checkpoints").mkdir(parents=True)
     (path / "spec.yaml").write_text(yaml.safe_dump({"run_dir": str(path), "model": DENSE.model_dump(mode="json")}))
@@ -58,6 +61,7 @@ def run_dir(tmp_path):
         (path / "checkpoints" / tag).mkdir()
         states = {"module": dense_teacher(seed).state_dict(), "ds_version": "0.19.8", "global_steps": seed}
         torch.save(states, path / "checkpoints" / tag / "mp_rank_00_model_states.pt")
+        Checkpoint(path, tag).write_manifest({})
     (path / "checkpoints" / "latest").write_text("step_4")
     return path
 
@@ -175,7 +179,7 @@ def test_unusable_sources_are_rejected(tmp_path, hf_dir, run_dir):
         check_teacher_compatible(distill(hf_dir, teacher_tag="step_2"), student_config(), tokenizer(), 1)
     with pytest.raises(ValueError, match="neither an HF directory"):
         check_teacher_compatible(distill(tmp_path), student_config(), tokenizer(), 1)
-    with pytest.raises(ValueError, match="teacher_tag: no mp_rank_00_model_states.pt"):
+    with pytest.raises(ValueError, match="teacher_tag: .* unknown tag 'step_9'"):
         check_teacher_compatible(distill(run_dir, teacher_tag="step_9"), student_config(), tokenizer(), 1)
     spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
     spec["model"]["moe"] = {"num_experts": 2}

@@ -3,7 +3,7 @@
     python tools/convert_to_hf.py RUN_OR_CHECKPOINT_DIR OUTPUT_DIR [--tag TAG] [--force]
 
 A dense teacher becomes a plain `BertForMaskedLM` directory; an MoE student (any world size, any ep_size) a
-`moe_bert` directory that loads without DeepSpeed, through `import tcd_ds.hf` + `AutoModelForMaskedLM` or
+`moe_bert` directory that loads without DeepSpeed, through `tcd_ds.models.register_auto_classes()` + `AutoModelForMaskedLM` or
 through `trust_remote_code=True`. Exit status 1 with one line naming the file, directory or tag on failure.
 """
 
@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from tcd_ds.hf.convert import convert
-from tcd_ds.hf.ds_checkpoint import ConversionError
+from tcd_ds.rundir import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         output = convert(args.source, args.output, tag=args.tag, force=args.force)
-    except ConversionError as e:
+    except CheckpointError as e:
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {output}")

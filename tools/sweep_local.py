@@ -28,6 +28,8 @@ import numpy as np
 import psutil
 import yaml
 
+from tcd_ds.rundir import RunDir
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # sweeps 0.2.0 declares its pydantic model in the pydantic-1 style
     from sweeps import RunState, SweepRun, next_run, stop_runs
@@ -115,7 +117,7 @@ def run_trial(sweep: dict, name: str, config: dict, trial_dir: Path, previous: l
     command = trial_command(sweep, params, extra)
     env = {**os.environ, "WANDB_SWEEP_PARAM_PATH": str(param_file)}
     print(f"[sweep] {name}: {' '.join(f'--{k}={v}' for k, v in params.items())}", flush=True)
-    metrics = trial_dir / "metrics.jsonl"
+    metrics = RunDir(trial_dir).metrics_file
     hyperband = "early_terminate" in sweep
     stopped = False
     with open(trial_dir / "launch.log", "w") as log:

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tcd_ds.data.mlm import mask_tokens
+from tcd_ds.spec import grad_accum_steps
 
 Batch = dict[str, torch.Tensor]
 
@@ -38,19 +39,13 @@ class MLMBatches:
         seed: int,
         mask_prob: float = 0.15,
     ):
-        per_micro_step = micro_batch_size * world_size
-        if global_batch_size % per_micro_step:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size * world_size"
-                f" = {micro_batch_size} * {world_size}"
-            )
+        self.grad_accum = grad_accum_steps(global_batch_size, micro_batch_size, world_size)
         if len(dataset) < global_batch_size:
             raise ValueError(f"dataset has {len(dataset)} blocks, fewer than one global batch ({global_batch_size})")
         self.dataset = dataset.with_format("torch", columns=["input_ids"])
         self.tokenizer = tokenizer
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
-        self.grad_accum = global_batch_size // per_micro_step
         self.rank = rank
         self.world_size = world_size
         self.seed = seed

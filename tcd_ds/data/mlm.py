@@ -41,3 +41,9 @@ def mask_tokens(
     corrupted[to_random] = random_ids.to(device=device, dtype=input_ids.dtype)[to_random]
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     return corrupted, labels
+
+
+def masked_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into B*T) of the labelled tokens: where the MLM head needs to run. Computed on the host copy
+    of a batch, so that the device never waits on the data-dependent shape."""
+    return labels.reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)

@@ -1,4 +1,4 @@
-"""Forward hooks that keep exactly the tensors the enabled relational losses compare (DESIGN.md section 1).
+"""Forward hooks that keep exactly the tensors the enabled relational losses compare (README: the method, as configured).
 
 Teacher and student are BERTs with the same module paths, so one plan taps both. A capture is whatever the
 hooked module returned, graph included: the student's carry autograd into the relation loss; the teacher's
@@ -13,9 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tcd_ds.spec import DistillSpec
-
-LOCATIONS = ("trunk", "residual_inner", "attention")
+from tcd_ds.spec import RELATION_LOCATIONS, DistillSpec
 
 # Where each location reads, given one encoder layer (an HF BertLayer or the student's MoE layer).
 TAP_POINTS: dict[str, list[Callable[[nn.Module], nn.Module]]] = {
@@ -44,7 +42,7 @@ class TapPlan:
     def from_spec(cls, distill: DistillSpec, num_layers: int) -> TapPlan:
         """`num_layers`: the layers both models have ("all" means those)."""
         selected = {}
-        for location in LOCATIONS:
+        for location in RELATION_LOCATIONS:
             relation = getattr(distill, location)
             if not relation.enabled:
                 selected[location] = ()
@@ -61,7 +59,7 @@ class TapPlan:
         return cls(**selected, attention_vectors=distill.attention.vectors)
 
     def enabled(self) -> dict[str, tuple[int, ...]]:
-        return {location: getattr(self, location) for location in LOCATIONS if getattr(self, location)}
+        return {location: getattr(self, location) for location in RELATION_LOCATIONS if getattr(self, location)}
 
     def layers_needed(self) -> int:
         """How many leading encoder layers a model must run for every capture to exist."""

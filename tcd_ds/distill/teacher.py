@@ -1,9 +1,10 @@
 """The frozen dense teacher: found, checked against the student, loaded, cut to the distilled layers.
 
-A teacher is an HF directory (`config.json`, weights, tokenizer), a dense run of ours (`spec.yaml`,
-`tokenizer/`, `checkpoints/<tag>/mp_rank_00_model_states.pt`), that run's `checkpoints/` directory or one tag
-directory in it. The checks read configs and tokenizers only, so a spec can be rejected before any process
-group starts or any weight is read.
+A teacher is an HF directory (`config.json`, weights, tokenizer) or a dense run of ours: its run directory, its
+`checkpoints/` directory or one tag directory in it (tcd_ds.rundir), whose checkpoint must be complete (sealed
+by its manifest). It is located once per launch (`locate_teacher`); the checks read configs and tokenizers only,
+so a spec can be rejected before any process group starts or any weight is read. A run's weights are read the
+way the converter reads them: fp32 as trained, or the fp32 master weights of a bf16/fp16 run.
 """
 
 from __future__ import annotations
@@ -13,24 +14,45 @@ from pathlib import Path
 
 import deepspeed
 import torch
-import yaml
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
 
 from tcd_ds.data.tokenizer import load_tokenizer
-from tcd_ds.models import bert_config, build_model
+from tcd_ds.models.configs import bert_config
+from tcd_ds.rundir import Checkpoint, CheckpointError, RunDir, locate_checkpoint
+from tcd_ds.rundir.weights import full_state_dict
 from tcd_ds.spec import DistillSpec, ModelSpec, RunSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 @dataclass(frozen=True)
 class TeacherSource:
-    """Where a teacher's config, tokenizer and weights are. `weights` is None for an HF directory."""
+    """Where a teacher's config, tokenizer and weights are: an HF directory, or a checkpoint of a dense run."""
 
-    config_dir: Path  # the HF directory, or the run directory holding spec.yaml and tokenizer/
-    weights: Path | None
+    hf_dir: Path | None = None
+    checkpoint: Checkpoint | None = None
+    run_spec: dict | None = None  # the run's resolved spec (a run's checkpoint only)
+    model: ModelSpec | None = None
+
+    def config(self) -> tuple[BertConfig, PreTrainedTokenizerBase]:
+        """The teacher's BertConfig and tokenizer, without reading weights."""
+        if self.hf_dir is not None:
+            return BertConfig.from_pretrained(self.hf_dir), load_tokenizer(self.hf_dir)
+        tokenizer = load_tokenizer(RunDir(self.checkpoint.run_dir).tokenizer_dir)
+        # Our runs build the model with vocab_size=len(tokenizer) (tcd_ds/train/trainer.py).
+        return bert_config(self.model, len(tokenizer), tokenizer.pad_token_id), tokenizer
+
+    def weights(self, config: BertConfig) -> BertForMaskedLM:
+        if self.hf_dir is not None:
+            return BertForMaskedLM.from_pretrained(self.hf_dir, local_files_only=True)
+        problem = self.checkpoint.problem()  # the launch-time check did not read the files
+        if problem is not None:
+            raise CheckpointError(f"distill.teacher: incomplete checkpoint {self.checkpoint.dir}: {problem}")
+        dtype = (self.run_spec.get("train") or {}).get("dtype", "fp32")
+        model = BertForMaskedLM(config)
+        model.load_state_dict(full_state_dict(self.checkpoint, self.model, dtype)[0])
+        return model
 
 
 def locate_teacher(path: str | Path, tag: str | None) -> TeacherSource:
@@ -38,50 +60,18 @@ def locate_teacher(path: str | Path, tag: str | None) -> TeacherSource:
     if (path / "config.json").is_file():
         if tag is not None:
             raise ValueError(f"distill.teacher_tag ({tag}) is set but distill.teacher {path} is an HF directory")
-        return TeacherSource(path, None)
-    if (path / MODEL_STATES).is_file():  # one tag directory: RUN/checkpoints/TAG
-        if tag is not None and tag != path.name:
-            raise ValueError(f"distill.teacher_tag ({tag}) disagrees with the tag directory distill.teacher {path}")
-        return TeacherSource(path.parent.parent, path / MODEL_STATES)
-    if (path / "spec.yaml").is_file():
-        run_dir, checkpoints = path, path / "checkpoints"
-    elif (path / "latest").is_file() or tag is not None:
-        run_dir, checkpoints = path.parent, path
-    else:
+        return TeacherSource(hf_dir=path)
+    try:
+        checkpoint = locate_checkpoint(path, tag, verify_contents=False)
+    except CheckpointError as e:
+        field = "distill.teacher_tag" if tag is not None and str(e).startswith("unknown tag") else "distill.teacher"
         raise ValueError(
-            f"distill.teacher {path} is neither an HF directory (config.json), a run directory (spec.yaml) nor a "
-            "DeepSpeed checkpoint directory (latest)"
-        )
-    if tag is None:
-        if not (checkpoints / "latest").is_file():
-            raise ValueError(
-                f"distill.teacher: no checkpoint in {checkpoints} (no `latest` file); set distill.teacher_tag"
-            )
-        tag = (checkpoints / "latest").read_text().strip()
-    weights = checkpoints / tag / MODEL_STATES
-    if not weights.is_file():
-        raise ValueError(f"distill.teacher_tag: no {MODEL_STATES} in {checkpoints / tag}")
-    return TeacherSource(run_dir, weights)
-
-
-def run_model_spec(run_dir: Path) -> ModelSpec:
-    """The model section of a run's resolved spec; the rest (data paths) need not be valid here."""
-    spec_file = run_dir / "spec.yaml"
-    if not spec_file.is_file():
-        raise ValueError(f"distill.teacher: {spec_file} not found; a DeepSpeed teacher must sit in one of our run dirs")
-    model = ModelSpec.model_validate(yaml.safe_load(spec_file.read_text())["model"])
+            f"{field}: {path} is neither an HF directory (config.json) nor a usable run of ours: {e}"
+        ) from None
+    run_spec, model = RunDir(checkpoint.run_dir).read_spec()
     if model.moe is not None:
-        raise ValueError(f"distill.teacher: {run_dir} is an MoE run; the teacher must be dense")
-    return model
-
-
-def teacher_config(source: TeacherSource) -> tuple[BertConfig, PreTrainedTokenizerBase]:
-    """The teacher's BertConfig and tokenizer, without reading weights."""
-    if source.weights is None:
-        return BertConfig.from_pretrained(source.config_dir), load_tokenizer(source.config_dir)
-    tokenizer = load_tokenizer(source.config_dir / "tokenizer")
-    # Our runs build the model with vocab_size=len(tokenizer) (tcd_ds/train/trainer.py).
-    return bert_config(run_model_spec(source.config_dir), len(tokenizer), tokenizer.pad_token_id), tokenizer
+        raise ValueError(f"distill.teacher: {checkpoint.run_dir} is an MoE run; the teacher must be dense")
+    return TeacherSource(checkpoint=checkpoint, run_spec=run_spec, model=model)
 
 
 def compatibility_problems(
@@ -120,10 +110,12 @@ def check_teacher_compatible(
     student_config: BertConfig,
     student_tokenizer: PreTrainedTokenizerBase | None,
     layers_needed: int,
+    source: TeacherSource | None = None,
 ) -> BertConfig:
     """The teacher's config, or a ValueError naming each mismatched field (the launcher exits 2 on it).
-    Reads no weights."""
-    config, tokenizer = teacher_config(locate_teacher(distill.teacher, distill.teacher_tag))
+    Reads no weights. `source`: the teacher, if already located."""
+    source = source or locate_teacher(distill.teacher, distill.teacher_tag)
+    config, tokenizer = source.config()
     problems = compatibility_problems(config, tokenizer, student_config, student_tokenizer, layers_needed)
     if problems:
         raise TeacherMismatch(
@@ -137,22 +129,14 @@ def check_teacher_fits_spec(spec: RunSpec) -> None:
     vocabulary itself when the student's tokenizer is given by path; else it is compared once trained)."""
     from tcd_ds.distill.taps import TapPlan
 
-    teacher = teacher_config(locate_teacher(spec.distill.teacher, spec.distill.teacher_tag))[0]
+    source = locate_teacher(spec.distill.teacher, spec.distill.teacher_tag)
+    teacher = source.config()[0]
     tokenizer = load_tokenizer(spec.data.tokenizer.path) if spec.data.tokenizer.path else None
     vocab_size = len(tokenizer) if tokenizer else spec.data.tokenizer.vocab_size
     student = bert_config(spec.model, vocab_size, pad_token_id=0)
     shared = min(spec.model.num_layers, teacher.num_hidden_layers)
-    check_teacher_compatible(spec.distill, student, tokenizer, TapPlan.from_spec(spec.distill, shared).layers_needed())
-
-
-def load_weights(source: TeacherSource, config: BertConfig) -> BertForMaskedLM:
-    if source.weights is None:
-        return BertForMaskedLM.from_pretrained(source.config_dir, local_files_only=True)
-    model = build_model(
-        run_model_spec(source.config_dir), vocab_size=config.vocab_size, pad_token_id=config.pad_token_id
-    )
-    model.load_state_dict(torch.load(source.weights, map_location="cpu", weights_only=True)["module"])
-    return model
+    layers_needed = TapPlan.from_spec(spec.distill, shared).layers_needed()
+    check_teacher_compatible(spec.distill, student, tokenizer, layers_needed, source)
 
 
 def load_teacher(
@@ -161,12 +145,14 @@ def load_teacher(
     student_tokenizer: PreTrainedTokenizerBase,
     layers_needed: int,
     device: torch.device | str,
+    source: TeacherSource | None = None,
 ) -> nn.Module:
     """The teacher's encoder (no MLM head, no pooler) up to the last distilled layer, frozen, in eval mode,
     wrapped by `deepspeed.init_inference`. Kernel injection stays off on every device: it fuses each BertLayer
     into one op, which removes the submodules the taps hook (and raises on CPU)."""
-    config = check_teacher_compatible(distill, student_config, student_tokenizer, layers_needed)
-    bert = load_weights(locate_teacher(distill.teacher, distill.teacher_tag), config).bert
+    source = source or locate_teacher(distill.teacher, distill.teacher_tag)
+    config = check_teacher_compatible(distill, student_config, student_tokenizer, layers_needed, source)
+    bert = source.weights(config).bert
     bert.encoder.layer = bert.encoder.layer[:layers_needed]
     bert.config.num_hidden_layers = layers_needed
     bert.pooler = None

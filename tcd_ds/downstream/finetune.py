@@ -4,9 +4,9 @@ Per seed: a fresh classifier on the pre-trained encoder (full fine-tuning, or ad
 AdamW with linear warm-up and decay, a dev evaluation after each epoch, and the weights of the epoch with the best
 dev score (the task's first metric) evaluated on every evaluation split (test, when the task has one).
 
-For an MoE model the loss is the task loss plus `balance_weight * balance loss`, as in pre-training: the weight is
-the model's own (`config.balance_weight`, from the run spec) unless `FinetuneConfig.balance_weight` overrides it
-(0 turns it off).
+For an MoE model the loss is the task loss plus `balance_weight * balance loss`, as in pre-training (the model's
+own `loss`, HF's MoE convention): the weight is the model's own (`config.balance_weight`, from the run spec)
+unless `FinetuneConfig.balance_weight` overrides it (0 turns it off).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from transformers import (
     AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
 )
 
-import tcd_ds.hf  # noqa: F401  (registers the MoE classes with the Auto classes)
+from tcd_ds.models import register_auto_classes
+
 from tcd_ds.downstream.adapters import add_adapters
 from tcd_ds.downstream.metrics import compute
 from tcd_ds.downstream.tasks import Example, Task
@@ -73,6 +74,7 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, generator: torc
 
 def load_classifier(model_dir: str | Path, task: Task, config: FinetuneConfig, device: torch.device) -> PreTrainedModel:
     regression = task.spec.kind == "regression"
+    register_auto_classes()
     model = AutoModelForSequenceClassification.from_pretrained(
         str(model_dir), num_labels=task.spec.num_labels,
         problem_type="regression" if regression else "single_label_classification",
@@ -120,10 +122,10 @@ def train_one_seed(model_dir: str | Path, task: Task, config: FinetuneConfig, se
     torch.manual_seed(seed)  # the new head's initialisation and dropout
     model = load_classifier(model_dir, task, config, device)
     regression = task.spec.kind == "regression"
-    balance_weight = config.balance_weight
-    if balance_weight is None:
-        balance_weight = getattr(model.config, "balance_weight", 0.0)
-    with_balance = hasattr(model, "balance_loss") and balance_weight > 0
+    if config.balance_weight is not None and model.config.model_type == "moe_bert":
+        model.config.balance_weight = config.balance_weight
+    balance_weight = getattr(model.config, "balance_weight", 0.0)
+    with_balance = model.config.model_type == "moe_bert" and balance_weight > 0
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     train_rows = encoded["train"]
@@ -138,12 +140,13 @@ def train_one_seed(model_dir: str | Path, task: Task, config: FinetuneConfig, se
         sums = {"loss": 0.0, "balance": 0.0}
         for batch_rows in length_bucketed_batches(lengths, config.batch_size, generator):
             batch = collate(tokenizer, [train_rows[i] for i in batch_rows], regression, device)
-            loss = model(**batch).loss
-            sums["loss"] += loss.item()
+            out = model(**batch)
+            loss = out.loss
             if with_balance:
-                balance = model.balance_loss()
-                sums["balance"] += balance.item()
-                loss = loss + balance_weight * balance
+                sums["balance"] += out.aux_loss.item()
+                sums["loss"] += (loss - balance_weight * out.aux_loss).item()  # the task loss, as before
+            else:
+                sums["loss"] += loss.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)

@@ -13,16 +13,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-from pydantic import ValidationError
 from transformers import BertConfig, BertForMaskedLM, PreTrainedModel
 
 from tcd_ds.data.tokenizer import load_tokenizer
-from tcd_ds.hf import modeling_moe_bert
-from tcd_ds.hf.ds_checkpoint import MODEL_STATES, Checkpoint, ConversionError, load_file, locate_checkpoint
 from tcd_ds.hf.model_card import model_card
-from tcd_ds.hf.weights import full_state_dict
-from tcd_ds.models import bert_config, moe_bert_config
+from tcd_ds.models import modeling_moe_bert
+from tcd_ds.models.configs import model_config
+from tcd_ds.rundir import Checkpoint, CheckpointError, RunDir, locate_checkpoint
+from tcd_ds.rundir.weights import full_state_dict
 from tcd_ds.spec import ModelSpec
 
 MODELING_FILE = Path(modeling_moe_bert.__file__)
@@ -33,11 +31,15 @@ AUTO_MAP = {
 }
 
 
+class ConversionError(CheckpointError):
+    """An output that must not be written, or a checkpoint that does not fit its run's spec."""
+
+
 def hf_config(model: ModelSpec, vocab_size: int, pad_token_id: int) -> BertConfig:
     """The config the run trained with (the trainer's vocab_size = len(tokenizer)), every expert local."""
+    config = model_config(model, vocab_size, pad_token_id)
     if model.moe is None:
-        return bert_config(model, vocab_size, pad_token_id)
-    config = moe_bert_config(model, vocab_size, pad_token_id)
+        return config
     config.ep_size = 1
     config.auto_map = AUTO_MAP
     return config
@@ -70,34 +72,23 @@ def write_atomically(output: Path, fill: Callable[[Path], None]) -> None:
         raise
 
 
-def read_model_spec(run_dir: Path) -> tuple[dict, ModelSpec]:
-    """The run's resolved spec, raw, and its validated model section (the rest, e.g. data paths, need not be
-    valid on this machine)."""
-    spec_file = run_dir / "spec.yaml"
-    try:
-        spec = yaml.safe_load(spec_file.read_text())
-        return spec, ModelSpec.model_validate(spec["model"])
-    except (yaml.YAMLError, KeyError, TypeError, ValidationError) as e:
-        raise ConversionError(f"{spec_file}: not a run spec with a valid model section ({e})") from e
-
-
 def converted_model(ckpt: Checkpoint, spec: dict, model_spec: ModelSpec) -> tuple[PreTrainedModel, int, str]:
     """The HF model holding the checkpoint's weights, the checkpoint's step and where the weights came from."""
-    tokenizer_dir = ckpt.run_dir / "tokenizer"
+    tokenizer_dir = RunDir(ckpt.run_dir).tokenizer_dir
     if not tokenizer_dir.is_dir():
         raise ConversionError(f"missing tokenizer directory {tokenizer_dir}")
     tokenizer = load_tokenizer(tokenizer_dir)
     config = hf_config(model_spec, len(tokenizer), tokenizer.pad_token_id)
     model_class = BertForMaskedLM if model_spec.moe is None else modeling_moe_bert.MoEBertForMaskedLM
     model = model_class(config)
-    states = load_file(ckpt.dir / MODEL_STATES)
     dtype = spec.get("train", {}).get("dtype", "fp32")
+    weights, step = full_state_dict(ckpt, model_spec, dtype)
     try:
-        model.load_state_dict(full_state_dict(ckpt, states, model_spec, dtype), strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise ConversionError(f"{ckpt.dir} does not fit the model {ckpt.run_dir / 'spec.yaml'} describes: {e}") from e
+        raise ConversionError(f"{ckpt.dir} does not fit the model {RunDir(ckpt.run_dir).spec_file} describes: {e}") from e
     source = "fp32, as trained" if dtype == "fp32" else f"fp32 master weights from the ZeRO shards ({dtype} run)"
-    return model.eval(), int(states.get("step", states.get("global_steps"))), source
+    return model.eval(), step, source
 
 
 def convert(source: str | Path, output: str | Path, tag: str | None = None, force: bool = False) -> Path:
@@ -106,14 +97,14 @@ def convert(source: str | Path, output: str | Path, tag: str | None = None, forc
     ckpt = locate_checkpoint(source, tag)
     output = Path(output)
     check_output(output, force)
-    spec, model_spec = read_model_spec(ckpt.run_dir)
+    spec, model_spec = RunDir(ckpt.run_dir).read_spec()
     model, step, weights_source = converted_model(ckpt, spec, model_spec)
     card = model_card(ckpt, spec, model_spec, step, model.config.vocab_size, weights_source)
 
     def fill(directory: Path) -> None:
         model.save_pretrained(directory)
         (directory / "model.safetensors").chmod(0o644)  # the writer makes it 0600: unreadable on a shared cluster
-        for file in (ckpt.run_dir / "tokenizer").iterdir():
+        for file in RunDir(ckpt.run_dir).tokenizer_dir.iterdir():
             if file.is_file():
                 shutil.copy2(file, directory / file.name)
         if model_spec.moe is not None:

@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tcd_ds.hf.ds_checkpoint import Checkpoint
-from tcd_ds.spec import ModelSpec
-
-RELATIONS = ("trunk", "residual_inner", "attention")
+from tcd_ds.rundir import Checkpoint, RunDir
+from tcd_ds.spec import RELATION_LOCATIONS, ModelSpec
 
 
 def metrics_at(metrics_file: Path, step: int) -> dict[str, float]:
@@ -44,7 +42,7 @@ def spec_summary(spec: dict[str, Any], model_spec: ModelSpec, vocab_size: int) -
     if (distill := spec.get("distill")) is not None:
         enabled = [
             f"{loc} x {distill[loc]['weight']} (layers {distill[loc]['layers']})"
-            for loc in RELATIONS if distill[loc]["enabled"]
+            for loc in RELATION_LOCATIONS if distill[loc]["enabled"]
         ]
         lines.append(f"- distillation from `{distill['teacher']}`: {', '.join(enabled) or 'no relation enabled'}")
     return lines
@@ -58,13 +56,14 @@ def usage(is_moe: bool) -> list[str]:
     return [
         "An MoE BERT (`model_type: moe_bert`), loaded in either of two ways, neither needing DeepSpeed:",
         "",
-        "- with tcd-ds installed: `import tcd_ds.hf`, then `AutoModelForMaskedLM.from_pretrained(path)`;",
+        "- with tcd-ds installed: `tcd_ds.models.register_auto_classes()`, then",
+        "  `AutoModelForMaskedLM.from_pretrained(path)`;",
         "- without it: `AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)` runs the",
         "  `modeling_moe_bert.py` shipped here.",
         "",
         "`AutoModelForSequenceClassification` loads it the same way for fine-tuning (a new pooler and classifier on",
-        "the encoder); `model.balance_loss()` is the last forward's load-balancing loss, to add to the task loss with",
-        "the config's `balance_weight` as pre-training did.",
+        "the encoder). As in HF's MoE models, the output's `aux_loss` is the load-balancing loss and `loss` includes",
+        "it with the config's `balance_weight`, as pre-training did (set `config.balance_weight = 0` to leave it out).",
         "",
         "Routing is DeepSpeed's top-1 gate in plain PyTorch; in eval, tokens beyond an expert's capacity are",
         "dropped in batch order rather than at random (see the docstring of `modeling_moe_bert.py`).",
@@ -99,7 +98,7 @@ def model_card(
         "",
         *spec_summary(spec, model_spec, vocab_size),
     ]
-    if metrics := metrics_at(ckpt.run_dir / "metrics.jsonl", step):
+    if metrics := metrics_at(RunDir(ckpt.run_dir).metrics_file, step):
         lines += ["", f"## Metrics logged at step {step}", ""]
         lines += [f"- {name}: {value:.4g}" for name, value in sorted(metrics.items())]
     lines += ["", "## Loading", "", *usage(is_moe), ""]

@@ -1,29 +1,14 @@
-"""Teacher (plain HF BERT) and student (BERT with DeepSpeed-MoE FFNs), built from the run spec."""
+"""The models: a dense BERT teacher and an MoE BERT student.
 
-from __future__ import annotations
+- `modeling_moe_bert.py`: the MoE architecture in plain PyTorch (torch and transformers only), the file every
+  converted student ships for `trust_remote_code`; `register_auto_classes()` maps `moe_bert` to it.
+- `bert.py`: the training-time head shared by both models (MLM logits at the masked positions only).
+- `deepspeed_moe.py`: the student's training class, the same layout with DeepSpeed-MoE FFNs (expert parallelism).
+- `configs.py`: run spec -> HF config; `build.py`: run spec -> training model; `param_groups.py`: ZeRO groups.
 
-from transformers import BertForMaskedLM
+Importing this package (or the modeling file) does not import DeepSpeed.
+"""
 
-from tcd_ds.models.bert import bert_config, build_dense
-from tcd_ds.models.moe_bert import MoEBertConfig, MoEBertForMaskedLM, build_student, moe_bert_config
-from tcd_ds.models.param_groups import moe_param_groups
-from tcd_ds.spec import ModelSpec
+from tcd_ds.models.modeling_moe_bert import register_auto_classes
 
-
-def build_model(model: ModelSpec, vocab_size: int, pad_token_id: int) -> BertForMaskedLM:
-    """The dense teacher when `model.moe` is None, else the MoE student (a `BertForMaskedLM` subclass)."""
-    if model.moe is None:
-        return build_dense(model, vocab_size, pad_token_id)
-    return build_student(model, vocab_size, pad_token_id)
-
-
-__all__ = [
-    "MoEBertConfig",
-    "MoEBertForMaskedLM",
-    "bert_config",
-    "build_dense",
-    "build_model",
-    "build_student",
-    "moe_bert_config",
-    "moe_param_groups",
-]
+__all__ = ["register_auto_classes"]

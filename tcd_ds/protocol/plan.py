@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 
 from tcd_ds.protocol.preset import Finetuning, Preset, Pretraining, Probe
 from tcd_ds.protocol.stages import Stage, command, in_process
+from tcd_ds.rundir import RunDir
+from tcd_ds.train.launch import deepspeed_command
 
 
 @dataclass
@@ -35,12 +36,6 @@ class Model:
     pretrain: Stage | None  # None for a given run
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -49,8 +44,7 @@ def task_name(task: str) -> str:
     return Path(task).name
 
 
-def pretrain_stage(name: str, spec: str, overrides: list[str], run_dir: Path, preset: Preset, repo: Path,
-                   inputs: dict) -> Stage:
+def pretrain_stage(name: str, spec: str, overrides: list[str], run_dir: Path, preset: Preset, inputs: dict) -> Stage:
     """`deepspeed ... launchers/pretrain.py --spec SPEC --overrides...`, exactly as a user runs it. Like torchrun,
     one OpenMP thread per rank unless OMP_NUM_THREADS says otherwise (ranks share the node's cores)."""
     overrides = [*overrides, f"--run_dir={run_dir}", "--logging.progress_bar=False"]
@@ -59,37 +53,32 @@ def pretrain_stage(name: str, spec: str, overrides: list[str], run_dir: Path, pr
     env = {"OMP_NUM_THREADS": "1", **os.environ}
 
     def run(log: Path) -> None:
-        given_port = any(a.startswith("--master_port") for a in preset.deepspeed)
-        port = [] if given_port else ["--master_port", str(free_port())]
-        argv = [sys.executable, "-m", "deepspeed.launcher.runner", *preset.deepspeed, *port,
-                str(repo / "launchers" / "pretrain.py"), "--spec", spec, *overrides]
-        command(argv, env)(log)
+        command(deepspeed_command(preset.deepspeed, spec, overrides), env)(log)
 
     return Stage(f"pretrain {name}", key, run, [run_dir])
 
 
-def pretrained_model(name: str, source: Pretraining, preset: Preset, out: Path, repo: Path, extra: list[str] = (),
+def pretrained_model(name: str, source: Pretraining, preset: Preset, out: Path, extra: list[str] = (),
                      inputs: dict | None = None) -> Model:
     if source.run is not None and not extra:
-        run_dir = Path(source.run)
-        latest = run_dir / "checkpoints" / "latest"
-        key = {"run": str(run_dir.resolve()), "checkpoint": latest.read_text().strip() if latest.is_file() else None}
-        return Model(name, run_dir, key, None)
-    spec = source.spec if source.run is None else str(Path(source.run) / "spec.yaml")
+        run = RunDir(source.run)
+        key = {"run": str(run.path.resolve()), "checkpoint": run.latest_tag()}
+        return Model(name, run.path, key, None)
+    spec = source.spec if source.run is None else str(RunDir(source.run).spec_file)
     overrides = [*(source.overrides if source.run is None else []), *extra]
     run_dir = out / "pretrain" / name
-    stage = pretrain_stage(name, spec, overrides, run_dir, preset, repo, inputs or {})
+    stage = pretrain_stage(name, spec, overrides, run_dir, preset, inputs or {})
     return Model(name, run_dir, stage.key, stage)
 
 
-def models(preset: Preset, out: Path, repo: Path) -> list[Model]:
+def models(preset: Preset, out: Path) -> list[Model]:
     """Teacher, MoE baseline, MoE+TCD, then one TCD student per ablated location, with that location off."""
-    teacher = pretrained_model("teacher", preset.teacher, preset, out, repo)
-    moe = pretrained_model("moe", preset.moe, preset, out, repo)
+    teacher = pretrained_model("teacher", preset.teacher, preset, out)
+    moe = pretrained_model("moe", preset.moe, preset, out)
     distill_from = [] if preset.tcd.run is not None else [f"--distill.teacher={teacher.run_dir}"]
-    tcd = pretrained_model("tcd", preset.tcd, preset, out, repo, distill_from, {"teacher": teacher.pretrain_key})
+    tcd = pretrained_model("tcd", preset.tcd, preset, out, distill_from, {"teacher": teacher.pretrain_key})
     ablated = [
-        pretrained_model(f"tcd-no_{loc}", preset.tcd, preset, out, repo,
+        pretrained_model(f"tcd-no_{loc}", preset.tcd, preset, out,
                          [*distill_from, f"--distill.{loc}.enabled=False"], {"teacher": teacher.pretrain_key})
         for loc in preset.ablate
     ]
@@ -145,9 +134,9 @@ def finetune_stage(model: str, hf_dir: Path, task: str, mode: str, ft: Finetunin
     return Stage(f"finetune {model} {task_name(task)} {mode}", key, in_process(run), [result_file])
 
 
-def stages(preset: Preset, out: Path, repo: Path) -> tuple[list[Model], list[Stage]]:
+def stages(preset: Preset, out: Path) -> tuple[list[Model], list[Stage]]:
     """The models compared and every stage, in order."""
-    rows = models(preset, out, repo)
+    rows = models(preset, out)
     result = [m.pretrain for m in rows if m.pretrain is not None]
     convert_keys = {m.name: {"model": m.pretrain_key} for m in rows}
     result += [convert_stage(m, out / "hf" / m.name, convert_keys[m.name]) for m in rows]

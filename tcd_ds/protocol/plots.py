@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tcd_ds.protocol.preset import LOCATIONS  # noqa: E402
+from tcd_ds.spec import RELATION_LOCATIONS  # noqa: E402
 
 Records = dict[str, list[dict]]  # model name -> its metrics.jsonl records
 
@@ -32,7 +32,7 @@ def pretraining_curves(records: Records, path: Path) -> None:
 
 def relation_losses(records: Records, path: Path) -> None:
     """One panel per relation location that any run logged; the teacher and the baseline log none."""
-    locations = [loc for loc in LOCATIONS if any(f"loss/{loc}" in r for rs in records.values() for r in rs)]
+    locations = [loc for loc in RELATION_LOCATIONS if any(f"loss/{loc}" in r for rs in records.values() for r in rs)]
     fig, axes = plt.subplots(1, max(1, len(locations)), figsize=(5 * max(1, len(locations)), 4), squeeze=False)
     for ax, loc in zip(axes[0], locations):
         for name, rs in records.items():

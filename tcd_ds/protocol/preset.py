@@ -11,16 +11,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from tcd_ds.spec import DistillSpec, RunSpec, SpecError, apply_overrides
-
-LOCATIONS = ("trunk", "residual_inner", "attention")
-Location = Literal["trunk", "residual_inner", "attention"]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from tcd_ds.rundir import RunDir
+from tcd_ds.spec import RELATION_LOCATIONS, DistillSpec, RelationLocation, RunSpec, Section, SpecError, apply_overrides
 
 
 class Pretraining(Section):
@@ -38,14 +32,14 @@ class Pretraining(Section):
         source = Path(self.spec or self.run)
         if not source.exists():
             raise ValueError(f"{source} not found (relative to {os.getcwd()})")
-        if self.run is not None and not (source / "spec.yaml").is_file():
+        if self.run is not None and not RunDir(source).spec_file.is_file():
             raise ValueError(f"{source} is not a run directory of ours (no spec.yaml)")
         return self
 
     def raw_spec(self) -> dict:
         """The run's spec as a raw mapping: the spec file with the overrides applied, or the run's resolved spec."""
         if self.run is not None:
-            return yaml.safe_load((Path(self.run) / "spec.yaml").read_text())
+            return yaml.safe_load(RunDir(self.run).spec_file.read_text())
         return apply_overrides(yaml.safe_load(Path(self.spec).read_text()) or {}, self.overrides)
 
 
@@ -79,7 +73,7 @@ class Preset(Section):
     teacher: Pretraining
     moe: Pretraining
     tcd: Pretraining
-    ablate: list[Location] = Field([], description="relation locations to drop one at a time (extra TCD runs)")
+    ablate: list[RelationLocation] = Field([], description="relation locations to drop one at a time (extra TCD runs)")
     finetune: Finetuning = Field(default_factory=Finetuning)
     probe: Probe = Field(default_factory=Probe)
 
@@ -123,7 +117,7 @@ def comparable(raw: dict) -> tuple:
 def enabled_locations(distill: dict) -> list[str]:
     """The relation locations a raw distill section turns on with a positive weight (the spec's defaults apply)."""
     resolved = DistillSpec.model_validate({**distill, "teacher": "."})  # the teacher is not needed here
-    return [loc for loc in LOCATIONS if getattr(resolved, loc).enabled and getattr(resolved, loc).weight > 0]
+    return [loc for loc in RELATION_LOCATIONS if getattr(resolved, loc).enabled and getattr(resolved, loc).weight > 0]
 
 
 def load_preset(path: str | os.PathLike, overrides: list[str] = (), ablate: list[str] | None = None) -> Preset:

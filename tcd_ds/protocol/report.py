@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tcd_ds.protocol.plan import Model, finetune_result, probe_result, task_name
 from tcd_ds.protocol.preset import Preset
+from tcd_ds.rundir import RunDir
 from tcd_ds.train.metrics import read_metrics
 
 
@@ -35,7 +36,7 @@ def gather(preset: Preset, rows: list[Model], out: Path) -> dict:
                 downstream[f"{task_name(task)} {mode}"] = downstream_summary(result)
         models.append({
             "name": m.name, "run_dir": str(m.run_dir), "hf_dir": str(out / "hf" / m.name),
-            "pretrain": pretraining_summary(read_metrics(m.run_dir / "metrics.jsonl")),
+            "pretrain": pretraining_summary(read_metrics(RunDir(m.run_dir).metrics_file)),
             "ood_mlm": json.loads(probe_result(out, m.name).read_text()),
             "downstream": downstream,
         })

@@ -1,141 +1,86 @@
-"""Checkpoints under RUN_DIR/checkpoints/step_N that count only when complete.
+"""The checkpointer: when to save, how a save becomes a checkpoint that counts, and what a resume restores.
 
-DeepSpeed writes each rank's files into the tag directory; once every rank is done, rank 0 writes a manifest
-(file names, sizes, sha256) into it, and only then points `latest` at it. A tag without a valid manifest (a
-save cut short, a truncated file) is never resumed from and never counts towards `keep_last`, and pruning only
-happens after the new manifest exists, so a failed save never costs the previous checkpoint. Assumes the run
-directory is on storage all ranks share, as DeepSpeed's own loading does.
+DeepSpeed writes each rank's files into the tag directory; once every rank is done, rank 0 seals it with a
+manifest (tcd_ds.rundir) and only then points `latest` at it. A tag without a valid manifest (a save cut short,
+a truncated file) is never resumed from and never counts towards `keep_last`, and pruning only happens after the
+new manifest exists, so a failed save never costs the previous checkpoint. Assumes the run directory is on
+storage all ranks share, as DeepSpeed's own loading does.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import deepspeed.comm as dist
 
-TAG = re.compile(r"^step_(\d+)$")
-MANIFEST = "manifest.json"
+from tcd_ds.rundir import RunDir
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+@dataclass(frozen=True)
+class Resumed:
+    """What a launch continues from (step 0 and nothing else for a fresh run)."""
+
+    step: int = 0
+    consumed_samples: int | None = None  # training samples consumed before `step` (None: step x global batch)
+    wandb_run_id: str | None = None
+    elastic: bool = False  # written by another world size or ep_size: module weights only
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step}"
+class Checkpointer:
+    """Saves every `every` steps and at a launch's last step; keeps the last `keep_last` complete ones."""
 
+    def __init__(self, engine, run_dir: RunDir, every: int, keep_last: int, layout: dict):
+        self.engine, self.run_dir = engine, run_dir
+        self.every, self.keep_last = every, keep_last
+        self.layout = layout  # the world size and ep_size of this launch, recorded in each manifest
+        self.last_saved = 0
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    def should_save(self, step: int, launch_end: int) -> bool:
+        return step % self.every == 0 or step == launch_end
 
+    def save(self, step: int, client_state: dict) -> None:
+        """Every rank writes its part; rank 0 then seals the tag with a manifest, moves `latest`, and prunes."""
+        ckpt, checkpoints = self.run_dir.checkpoint(step), self.run_dir.checkpoints
+        if dist.get_rank() == 0 and ckpt.dir.exists():
+            shutil.rmtree(ckpt.dir)  # the leftover of a save that did not finish, never a complete checkpoint
+        dist.barrier()
+        self.engine.save_checkpoint(str(checkpoints), tag=ckpt.tag, client_state={**client_state, "step": step},
+                                    save_latest=False)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            ckpt.write_manifest({"step": step, **self.layout})
+            self.run_dir.set_latest(step)
+            sealed = [s for s in self.run_dir.steps() if self.run_dir.checkpoint(s).is_sealed()]
+            keep = set(sealed[-self.keep_last:])
+            for old in self.run_dir.steps():
+                if old < step and old not in keep:
+                    shutil.rmtree(self.run_dir.checkpoint(old).dir, ignore_errors=True)
+        dist.barrier()
+        self.last_saved = step
 
-def write_manifest(tag_dir: Path, layout: dict) -> None:
-    files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tag_dir.iterdir()) if p.name != MANIFEST}
-    tmp = tag_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({**layout, "files": files}, indent=1))
-    os.replace(tmp, tag_dir / MANIFEST)
+    def resume(self) -> Resumed:
+        """Load the newest complete checkpoint, if any.
 
-
-def manifest_problem(tag_dir: Path) -> str | None:
-    """Why `tag_dir` is not a complete checkpoint, or None if it is."""
-    try:
-        manifest = json.loads((tag_dir / MANIFEST).read_text())
-    except FileNotFoundError:
-        return "no manifest (the save did not finish)"
-    except json.JSONDecodeError:
-        return "unreadable manifest"
-    for name, expected in manifest["files"].items():
-        path = tag_dir / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
-        if sha256(path) != expected["sha256"]:
-            return f"{path} does not match its sha256 in the manifest (corrupt)"
-    return None
-
-
-def tag_steps(ckpt_dir: Path) -> list[int]:
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if (m := TAG.match(p.name)) and p.is_dir())
-
-
-def complete_steps(ckpt_dir: Path) -> list[int]:
-    """Steps whose tag has a manifest; cheap (no hashing): what pruning counts."""
-    return [s for s in tag_steps(ckpt_dir) if (ckpt_dir / tag_for(s) / MANIFEST).is_file()]
-
-
-def save(engine, run_dir: str | Path, step: int, keep_last: int, client_state: dict, layout: dict) -> None:
-    """Every rank writes its part; rank 0 then seals the tag with a manifest, moves `latest`, and prunes."""
-    ckpt_dir = checkpoint_dir(run_dir)
-    tag_dir = ckpt_dir / tag_for(step)
-    if dist.get_rank() == 0 and tag_dir.exists():
-        shutil.rmtree(tag_dir)  # the leftover of a save that did not finish, never a complete checkpoint
-    dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag_for(step), client_state={**client_state, "step": step},
-                           save_latest=False)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        write_manifest(tag_dir, {"step": step, **layout})
-        tmp = ckpt_dir / ".latest.tmp"
-        tmp.write_text(tag_for(step))
-        os.replace(tmp, ckpt_dir / "latest")
-        keep = set(complete_steps(ckpt_dir)[-keep_last:])
-        for old in tag_steps(ckpt_dir):
-            if old < step and old not in keep:
-                shutil.rmtree(ckpt_dir / tag_for(old), ignore_errors=True)
-    dist.barrier()
-
-
-@dataclass
-class Resumable:
-    step: int
-    layout: dict  # the world size and ep_size that wrote it
-
-
-def newest_complete(run_dir: str | Path, log=print) -> Resumable | None:
-    """The newest checkpoint that verifies against its manifest, reporting each newer one it skips."""
-    ckpt_dir = checkpoint_dir(run_dir)
-    for step in reversed(tag_steps(ckpt_dir)):
-        problem = manifest_problem(ckpt_dir / tag_for(step))
-        if problem is None:
-            manifest = json.loads((ckpt_dir / tag_for(step) / MANIFEST).read_text())
-            return Resumable(step, {k: v for k, v in manifest.items() if k not in ("files", "step")})
-        log(f"[tcd-ds] skipping checkpoint {ckpt_dir / tag_for(step)}: {problem}")
-    return None
-
-
-def resume(engine, run_dir: str | Path, layout: dict) -> dict:
-    """Load the newest complete checkpoint; its client state ({} for a fresh run).
-
-    Written by another world size or ep_size, only the module weights load (DeepSpeed re-shards the experts by
-    global id) and the optimizer starts afresh: ZeRO shards and expert groups do not carry over.
-    """
-    found = [newest_complete(run_dir) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(found, src=0)  # one verdict, or ranks could pick different tags
-    found = found[0]
-    if found is None:
-        return {}
-    ckpt_dir, tag = checkpoint_dir(run_dir), tag_for(found.step)
-    same_layout = found.layout == layout
-    if not same_layout and dist.get_rank() == 0:
-        print(f"[tcd-ds] WARNING: {ckpt_dir / tag} was written with {found.layout}, this run has {layout}: "
-              "loading the module weights only; the optimizer state starts afresh")
-    path, client_state = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_module_only=not same_layout,
-        load_optimizer_states=same_layout, load_lr_scheduler_states=same_layout,
-    )
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    return {**(client_state or {}), "step": found.step, "elastic": not same_layout}
+        Written by another world size or ep_size, only the module weights load (DeepSpeed re-shards the experts by
+        global id) and the optimizer starts afresh: ZeRO shards and expert groups do not carry over.
+        """
+        found = [self.run_dir.newest_complete() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(found, src=0)  # one verdict, or ranks could pick different tags
+        ckpt = found[0]
+        if ckpt is None:
+            return Resumed()
+        written_with = ckpt.layout()
+        same_layout = written_with == self.layout
+        if not same_layout and dist.get_rank() == 0:
+            print(f"[tcd-ds] WARNING: {ckpt.dir} was written with {written_with}, this run has {self.layout}: "
+                  "loading the module weights only; the optimizer state starts afresh")
+        path, state = self.engine.load_checkpoint(
+            str(self.run_dir.checkpoints), tag=ckpt.tag, load_module_only=not same_layout,
+            load_optimizer_states=same_layout, load_lr_scheduler_states=same_layout,
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {ckpt.dir}")
+        state = state or {}
+        self.last_saved = ckpt.step
+        return Resumed(self.last_saved, state.get("consumed_samples"), state.get("wandb_run_id"), not same_layout)

@@ -1,6 +1,6 @@
-"""The MoE student: HF BERT whose chosen FFNs are DeepSpeed-MoE layers.
+"""The MoE student's training class: HF BERT whose chosen FFNs are DeepSpeed-MoE layers.
 
-The config, the layer layout and `forward` are the DeepSpeed-free model's (tcd_ds/hf/modeling_moe_bert.py,
+The config, the layer layout and `forward` are the DeepSpeed-free model's (tcd_ds/models/modeling_moe_bert.py,
 which a converted checkpoint loads into). Module paths mirror `BertForMaskedLM` exactly, so one hook path
 serves teacher and student: in an MoE layer `layer.intermediate` is an identity and `layer.output.dense` is
 the whole MoE FFN (H -> H), after which `BertOutput` still applies dropout, the residual add and LayerNorm.
@@ -24,20 +24,16 @@ from __future__ import annotations
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForMaskedLM
 
-from tcd_ds.hf import modeling_moe_bert as plain
-from tcd_ds.hf.modeling_moe_bert import ExpertFFN, MoEBertConfig
-from tcd_ds.models.bert import bert_kwargs, with_masked_mlm_head
-from tcd_ds.spec import ModelSpec
+from tcd_ds.models.modeling_moe_bert import ExpertFFN, MoEBertConfig, MoEBertForMaskedLM, kl_uniform_balance_loss
 
 
-class MoEFeedForward(MoE):
+class DeepSpeedMoEFeedForward(MoE):
     """DeepSpeed's top-1 MoE as a plain [B, T, H] -> [B, T, H] module, keeping what the losses need.
 
     After each forward: `balance_loss` (this layer's, of the config's kind) and `expert_counts` (tokens whose
     top-1 choice is each expert, before capacity drops, this rank's tokens only). `token_mask` ([B*T], 1 for
-    real tokens) is set by `MoEBertForMaskedLM.forward` (so call the model, not `model.bert`): padding then
+    real tokens) is set by the model's `forward` (so call the model, not `model.bert`): padding then
     neither takes expert capacity nor counts in the load statistics, and its MoE output is zero.
     """
 
@@ -77,18 +73,18 @@ class MoEFeedForward(MoE):
         """
         x = hidden_states.reshape(-1, hidden_states.shape[-1]).float()
         probs = F.linear(x, self.deepspeed_moe.gate.wg.weight.float()).softmax(dim=-1)
-        return plain.kl_uniform_balance_loss(probs, self.token_mask)
+        return kl_uniform_balance_loss(probs, self.token_mask)
 
 
-class MoEBertForMaskedLM(plain.MoEBertForMaskedLM):
-    """The training class: the plain model's layout (tcd_ds/hf/modeling_moe_bert.py) with DeepSpeed-MoE FFNs,
-    which bring expert parallelism, DeepSpeed's gate and the per-layer balance loss and expert counts."""
+class DeepSpeedMoEBertForMaskedLM(MoEBertForMaskedLM):
+    """The plain model's layout and forward with DeepSpeed-MoE FFNs, which bring expert parallelism, DeepSpeed's
+    gate and the per-layer expert counts."""
 
-    def moe_ffn(self, config: MoEBertConfig) -> MoEFeedForward:
-        return MoEFeedForward(config)
+    def moe_ffn(self, config: MoEBertConfig) -> DeepSpeedMoEFeedForward:
+        return DeepSpeedMoEFeedForward(config)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> MoEBertForMaskedLM:
+    def from_pretrained(cls, *args, **kwargs) -> DeepSpeedMoEBertForMaskedLM:
         """HF loading replaces parameter objects, dropping the tags by which DeepSpeed tells expert parameters
         from shared ones (ZeRO groups, gradient reduction); put them back."""
         model = super().from_pretrained(*args, **kwargs)
@@ -97,35 +93,3 @@ class MoEBertForMaskedLM(plain.MoEBertForMaskedLM):
                 p.allreduce = False
                 p.group_name = block.expert_group_name
         return model
-
-    def expert_load(self) -> dict[int, Tensor]:
-        """Per MoE layer, the fraction of this rank's (real) tokens whose top-1 choice is each expert."""
-        return {
-            i: block.expert_counts.float() / block.expert_counts.sum().clamp(min=1)
-            for i, block in self.moe_blocks().items()
-        }
-
-
-AutoConfig.register(MoEBertConfig.model_type, MoEBertConfig, exist_ok=True)
-AutoModelForMaskedLM.register(MoEBertConfig, MoEBertForMaskedLM, exist_ok=True)
-
-
-def moe_bert_config(model: ModelSpec, vocab_size: int, pad_token_id: int) -> MoEBertConfig:
-    moe = model.moe
-    return MoEBertConfig(
-        **bert_kwargs(model, vocab_size, pad_token_id),
-        moe_layers=moe.layer_ids(model.num_layers),
-        num_experts=moe.num_experts,
-        ep_size=moe.ep_size,
-        capacity_factor=moe.capacity_factor,
-        eval_capacity_factor=moe.eval_capacity_factor,
-        min_capacity=moe.min_capacity,
-        drop_tokens=moe.drop_tokens,
-        noisy_gate_policy=moe.noisy_gate_policy,
-        balance_loss=moe.balance_loss,
-        balance_weight=moe.balance_weight,
-    )
-
-
-def build_student(model: ModelSpec, vocab_size: int, pad_token_id: int) -> MoEBertForMaskedLM:
-    return with_masked_mlm_head(MoEBertForMaskedLM(moe_bert_config(model, vocab_size, pad_token_id)))

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from tcd_ds.spec import RunSpec
-
-
-def grad_accum_steps(spec: RunSpec, world_size: int) -> int:
-    per_step = spec.train.micro_batch_size * world_size
-    if spec.train.global_batch_size % per_step:
-        raise ValueError(
-            f"train.global_batch_size ({spec.train.global_batch_size}) is not divisible by "
-            f"micro_batch_size x world size ({spec.train.micro_batch_size} x {world_size})"
-        )
-    return spec.train.global_batch_size // per_step
+from tcd_ds.spec import RunSpec, grad_accum_steps
 
 
 def check_world_size(spec: RunSpec, world_size: int) -> None:
     """Checks that need the world size, made before any model is built."""
-    grad_accum_steps(spec, world_size)
+    grad_accum_steps(spec.train.global_batch_size, spec.train.micro_batch_size, world_size)
     moe = spec.model.moe
     if moe is not None and world_size % moe.ep_size:
         raise ValueError(
@@ -38,7 +28,7 @@ def deepspeed_config(spec: RunSpec, world_size: int) -> dict:
     config = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps(spec, world_size),
+        "gradient_accumulation_steps": grad_accum_steps(t.global_batch_size, t.micro_batch_size, world_size),
         "gradient_clipping": spec.optim.grad_clip,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -8,17 +8,42 @@ rounded copies, so its weights are rebuilt from the masters in the shards.
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from tcd_ds.hf.ds_checkpoint import MODEL_STATES, Checkpoint, ConversionError, load_file, zero_shard_types
+from tcd_ds.rundir.layout import Checkpoint, CheckpointError
 from tcd_ds.spec import ModelSpec
 
 LOCAL_EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
+
+
+def load_file(path: Path, allowed_types: list[type] | None = None) -> dict[str, Any]:
+    """`torch.load(weights_only=True)`: tensors and plain containers only, plus `allowed_types` (never
+    arbitrary code). A missing, truncated or corrupt file is a CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        with torch.serialization.safe_globals(allowed_types or []):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"cannot read {path}: truncated or corrupt? ({type(e).__name__}: {e})") from e
+
+
+def zero_shard_types() -> list[type]:
+    """The DeepSpeed objects a ZeRO optimizer shard pickles besides tensors (its loss scaler, the ZeRO stage,
+    fragment addresses). Allowing exactly these keeps the shards on `weights_only=True`, where DeepSpeed's own
+    zero_to_fp32.py loads them with `weights_only=False`, i.e. runs whatever the pickle says."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def expert_prefix(layer: int, expert: int) -> str:
@@ -32,11 +57,11 @@ def expert_weights(ckpt: Checkpoint, model: ModelSpec) -> dict[str, Tensor]:
         for expert in range(model.moe.num_experts):
             path = ckpt.expert_file(k, expert)
             if not path.is_file():
-                raise ConversionError(f"missing expert file {path} (MoE layer {layer}, expert {expert})")
+                raise CheckpointError(f"missing expert file {path} (MoE layer {layer}, expert {expert})")
             part = load_file(path)
             prefix = expert_prefix(layer, expert)
             if not part or any(not name.startswith(prefix) for name in part):
-                raise ConversionError(f"{path} should hold {prefix}* and holds {sorted(part)}")
+                raise CheckpointError(f"{path} should hold {prefix}* and holds {sorted(part)}")
             weights.update(part)
     return weights
 
@@ -57,7 +82,7 @@ def fp32_master_weights(ckpt: Checkpoint, dtype: str, world_size: int, model: Mo
         path = ckpt.optimizer_shard(rank, dtype)
         state = load_file(path, zero_shard_types()).get("optimizer_state_dict", {})
         if "single_partition_of_fp32_groups" not in state or "param_slice_mappings" not in state:
-            raise ConversionError(f"{path} holds no ZeRO fp32 master partitions (ZeRO stage 1 or 2 expected)")
+            raise CheckpointError(f"{path} holds no ZeRO fp32 master partitions (ZeRO stage 1 or 2 expected)")
         first_expert = (rank % ep_size) * local_experts
         for partition, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
             for name, fragment in mapping.items():
@@ -66,11 +91,13 @@ def fp32_master_weights(ckpt: Checkpoint, dtype: str, world_size: int, model: Mo
     return {name: torch.cat(parts) for name, parts in fragments.items()}
 
 
-def full_state_dict(ckpt: Checkpoint, states: dict[str, Any], model: ModelSpec, dtype: str) -> dict[str, Tensor]:
-    """Module weights + experts; for bf16/fp16 runs every trained parameter replaced by its fp32 master;
-    tied names (DeepSpeed's `shared_params`, e.g. the MLM decoder) pointed at their source; all fp32."""
+def full_state_dict(ckpt: Checkpoint, model: ModelSpec, dtype: str) -> tuple[dict[str, Tensor], int]:
+    """The checkpoint's weights and step. Module weights + experts; for bf16/fp16 runs every trained parameter
+    replaced by its fp32 master; tied names (DeepSpeed's `shared_params`, e.g. the MLM decoder) pointed at
+    their source; all fp32."""
+    states = load_file(ckpt.model_states)
     if not isinstance(states.get("module"), dict):
-        raise ConversionError(f"{ckpt.dir / MODEL_STATES} holds no module state dict")
+        raise CheckpointError(f"{ckpt.model_states} holds no module state dict")
     weights = dict(states["module"])
     shared = states.get("shared_params") or {}
     if model.moe is not None:
@@ -82,13 +109,14 @@ def full_state_dict(ckpt: Checkpoint, states: dict[str, Any], model: ModelSpec, 
             if name in untrained:
                 continue
             if name not in masters:
-                raise ConversionError(f"{ckpt.dir}: no fp32 master weight for {name} in the ZeRO shards")
+                raise CheckpointError(f"{ckpt.dir}: no fp32 master weight for {name} in the ZeRO shards")
             if masters[name].numel() != value.numel():
-                raise ConversionError(
+                raise CheckpointError(
                     f"{ckpt.dir}: the ZeRO shards hold {masters[name].numel()} of the {value.numel()} elements of "
                     f"{name}; a shard is missing or from another run"
                 )
             weights[name] = masters[name].view(value.shape)
     for alias, source in shared.items():
         weights[alias] = weights[source]
-    return {name: value.float() if value.is_floating_point() else value for name, value in weights.items()}
+    weights = {name: value.float() if value.is_floating_point() else value for name, value in weights.items()}
+    return weights, int(states.get("step", states.get("global_steps")))

@@ -1,9 +1,13 @@
 """MoE BERT in plain PyTorch: the student's architecture for inference and fine-tuning, without DeepSpeed.
 
 Self-contained (torch and transformers only): the converter ships this file in every converted student
-directory, where `trust_remote_code=True` loads it. With our package installed, `import tcd_ds.hf` registers
-the classes with `AutoConfig` / `AutoModelForMaskedLM` instead. The DeepSpeed-backed training class
-(`tcd_ds.models.moe_bert`) subclasses `MoEBertForMaskedLM` and swaps in DeepSpeed-MoE FFNs.
+directory, where `trust_remote_code=True` loads it. With our package installed, `register_auto_classes()`
+maps `moe_bert` to these classes for the Auto classes instead. The training class
+(`tcd_ds.models.deepspeed_moe.DeepSpeedMoEBertForMaskedLM`) subclasses `MoEBertForMaskedLM` and swaps in
+DeepSpeed-MoE FFNs.
+
+The contract is HF's for MoE models (Mixtral, Switch): `forward` returns the load-balancing loss as
+`aux_loss` and includes `config.balance_weight * aux_loss` in `loss` whenever labels are given.
 
 Module paths are DeepSpeed-MoE's with every expert local (`output.dense.deepspeed_moe.gate.wg`,
 `output.dense.deepspeed_moe.experts.deepspeed_experts.{e}`, e the global expert id), so one
@@ -24,20 +28,24 @@ Routing is DeepSpeed's top-1 gate (`deepspeed.moe.sharded_moe.top1gating`) writt
 - Noise (`noisy_gate_policy`) applies in training only, as in DeepSpeed: `Jitter` scales the gate input by
   U(0.99, 1.01), `RSample` adds Gumbel noise to the logits that pick the expert.
 - Unlike DeepSpeed, a call with fewer tokens than `min_capacity` is allowed (everything fits).
-- Each MoE FFN keeps its last call's load-balancing loss (`config.balance_loss`), so fine-tuning can train with
-  it as pre-training did: `switch` is DeepSpeed's `l_aux`, `kl_uniform` the KL of the mean routing
-  probabilities to uniform; `model.balance_loss()` is their mean over MoE layers, unweighted.
+- The load-balancing loss (`config.balance_loss`): `switch` is DeepSpeed's `l_aux`, `kl_uniform` the KL of the
+  mean routing probabilities to uniform; `aux_loss` is its mean over MoE layers, unweighted.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import (
+    AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig, BertForMaskedLM,
+    BertForSequenceClassification,
+)
+from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput
 
 JITTER = 1e-2  # DeepSpeed's multiplicative_jitter epsilon
 
@@ -193,15 +201,62 @@ class MoEFeedForward(nn.Module):
         return out.reshape(hidden_states.shape)
 
 
+@dataclass
+class MoEMaskedLMOutput(MaskedLMOutput):
+    """`MaskedLMOutput` plus the unweighted load-balancing loss; `loss` already includes it with its weight."""
+
+    aux_loss: Tensor | None = None
+
+
+@dataclass
+class MoESequenceClassifierOutput(SequenceClassifierOutput):
+    """`SequenceClassifierOutput` plus the unweighted load-balancing loss; `loss` already includes it."""
+
+    aux_loss: Tensor | None = None
+
+
+class SparseMaskedLM:
+    """Mixin for `BertForMaskedLM`: `forward` also takes `masked_positions` (flat indices into B*T) and then runs
+    the MLM head at those tokens only, returning `[M, V]` logits and the loss over them. The head (a
+    vocabulary-wide product, then a softmax in the loss) costs as much as the whole encoder at small hidden
+    sizes, and training needs it at the ~15% masked tokens only; the positions come from the host copy of the
+    labels, so nothing waits on the device. Without `masked_positions` it is HF's forward."""
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        masked_positions: Tensor | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        outputs = self.bert(
+            input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
+        )
+        hidden = outputs[0]
+        if masked_positions is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions)
+            labels = None if labels is None else labels.reshape(-1).index_select(0, masked_positions)
+        logits = self.cls(hidden)
+        loss = None
+        if labels is not None:  # HF's MLM loss: label -100 is ignored
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                              attentions=outputs.attentions)
+
+
 class MoEBertLayers:
     """Mixin for a BERT model class: `config.moe_layers` become MoE layers, laid out as DeepSpeed's student (in an
     MoE layer `layer.intermediate` is an identity and `layer.output.dense` the whole MoE FFN, H -> H, after which
-    `BertOutput` still applies dropout, the residual add and LayerNorm), and each call's attention mask reaches
-    them as the token mask. The model's `loss` stays the task's; add `balance_weight * balance_loss()` to train
-    as pre-training did."""
+    `BertOutput` still applies dropout, the residual add and LayerNorm)."""
 
     config_class = MoEBertConfig
     config: MoEBertConfig
+    output_class: type  # the BERT class's output type plus `aux_loss`
 
     def __init__(self, config: MoEBertConfig):
         super().__init__(config)
@@ -218,21 +273,51 @@ class MoEBertLayers:
     def moe_blocks(self) -> dict[int, nn.Module]:
         return {i: self.bert.encoder.layer[i].output.dense for i in self.config.moe_layers}
 
-    def balance_loss(self) -> Tensor:
-        """Mean over MoE layers of the last forward's load-balancing loss (unweighted)."""
-        return torch.stack([block.balance_loss for block in self.moe_blocks().values()]).mean()
-
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs,
+    ):
+        """The BERT class's forward, with this call's balance loss as `aux_loss` (the mean over MoE layers), added
+        to `loss` with `config.balance_weight` (Mixtral's `router_aux_loss_coef`). Padding (attention_mask 0) takes
+        no expert capacity and gets MoE output 0. The arguments are spelt out: `transformers.Trainer` passes a
+        model only the batch keys its signature names."""
         token_mask = None if attention_mask is None else attention_mask.reshape(-1).long()
         for block in self.moe_blocks().values():
             block.token_mask = token_mask
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        output = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels, **kwargs,
+        )
+        aux_loss = torch.stack([block.balance_loss for block in self.moe_blocks().values()]).mean()
+        fields = dict(output)
+        if fields.get("loss") is not None:
+            fields["loss"] = fields["loss"] + self.config.balance_weight * aux_loss
+        return self.output_class(**fields, aux_loss=aux_loss)
 
 
-class MoEBertForMaskedLM(MoEBertLayers, BertForMaskedLM):
-    """`BertForMaskedLM` with MoE layers; `loss` is the MLM loss only."""
+class MoEBertForMaskedLM(MoEBertLayers, SparseMaskedLM, BertForMaskedLM):
+    """`BertForMaskedLM` with MoE layers (and `masked_positions`); `loss` = MLM loss + `balance_weight * aux_loss`."""
+
+    output_class = MoEMaskedLMOutput
 
 
 class MoEBertForSequenceClassification(MoEBertLayers, BertForSequenceClassification):
     """`BertForSequenceClassification` with MoE layers: a converted student's encoder weights load as they are
-    (its MLM head is dropped; pooler and classifier are new)."""
+    (its MLM head is dropped; pooler and classifier are new). `loss` = task loss + `balance_weight * aux_loss`:
+    set `config.balance_weight` (0: off) to fine-tune with another weight than pre-training's."""
+
+    output_class = MoESequenceClassifierOutput
+
+
+def register_auto_classes() -> None:
+    """Map `model_type: moe_bert` to these classes for `AutoConfig`, `AutoModelForMaskedLM` and
+    `AutoModelForSequenceClassification`, so a converted student loads without `trust_remote_code`."""
+    AutoConfig.register(MoEBertConfig.model_type, MoEBertConfig, exist_ok=True)
+    AutoModelForMaskedLM.register(MoEBertConfig, MoEBertForMaskedLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(MoEBertConfig, MoEBertForSequenceClassification, exist_ok=True)

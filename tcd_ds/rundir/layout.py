@@ -1,0 +1,204 @@
+"""The one place that knows a run directory's layout:
+
+    RUN/spec.yaml                 the resolved run spec
+    RUN/tokenizer/                HF tokenizer files
+    RUN/metrics.jsonl             one JSON record per logged step
+    RUN/checkpoints/step_N/       DeepSpeed's files (mp and pp size 1): `mp_rank_00_model_states.pt` (non-expert
+                                  module weights under "module"), `layer_{k}_expert_{g}_mp_rank_00_model_states.pt`
+                                  (k the index among MoE layers, g the global expert id), one ZeRO shard per rank
+                                  `[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt`; and `manifest.json`
+    RUN/checkpoints/latest        the newest complete tag
+
+A checkpoint counts only once its manifest (file names, sizes, sha256, written after every rank finished)
+exists and matches: a save cut short or a truncated file is never resumed from, converted or taught from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from tcd_ds.spec import ModelSpec
+
+TAG = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be used as asked; the message names the file, directory or tag."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step}"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    run_dir: Path
+    tag: str
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / "checkpoints" / self.tag
+
+    @property
+    def step(self) -> int:
+        return int(TAG.match(self.tag).group(1))
+
+    @property
+    def model_states(self) -> Path:
+        return self.dir / MODEL_STATES
+
+    def expert_file(self, moe_layer_index: int, global_expert: int) -> Path:
+        return self.dir / f"layer_{moe_layer_index}_expert_{global_expert}_mp_rank_00_model_states.pt"
+
+    def optimizer_shard(self, rank: int, dtype: str) -> Path:
+        prefix = "bf16_" if dtype == "bf16" else ""  # DeepSpeed names bf16 shards apart
+        return self.dir / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+    def write_manifest(self, layout: dict[str, Any]) -> None:
+        """Seal the tag: every file's size and sha256, plus the layout (world size, ep_size) that wrote it."""
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
+                 for p in sorted(self.dir.iterdir()) if p.name != MANIFEST}
+        tmp = self.dir / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps({**layout, "files": files}, indent=1))
+        os.replace(tmp, self.dir / MANIFEST)
+
+    def is_sealed(self) -> bool:
+        """Has a manifest; cheap (no hashing): what pruning counts."""
+        return (self.dir / MANIFEST).is_file()
+
+    def layout(self) -> dict[str, Any]:
+        manifest = json.loads((self.dir / MANIFEST).read_text())
+        return {k: v for k, v in manifest.items() if k not in ("files", "step")}
+
+    def problem(self, verify_contents: bool = True) -> str | None:
+        """Why this is not a complete checkpoint, or None. Without `verify_contents` only the manifest is read
+        (the save finished), for the checks made before a launch; the files are verified when they are loaded."""
+        try:
+            manifest = json.loads((self.dir / MANIFEST).read_text())
+        except FileNotFoundError:
+            return "no manifest (the save did not finish)"
+        except json.JSONDecodeError:
+            return "unreadable manifest"
+        if not verify_contents:
+            return None
+        for name, expected in manifest["files"].items():
+            path = self.dir / name
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != expected["size"]:
+                return f"{path} has {path.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
+            if sha256(path) != expected["sha256"]:
+                return f"{path} does not match its sha256 in the manifest (corrupt)"
+        return None
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def spec_file(self) -> Path:
+        return self.path / "spec.yaml"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        return Checkpoint(self.path, tag_for(step))
+
+    def steps(self) -> list[int]:
+        """Steps with a tag directory, complete or not, ascending."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.checkpoints.iterdir() if (m := TAG.match(p.name)) and p.is_dir())
+
+    def latest_tag(self) -> str | None:
+        latest = self.checkpoints / "latest"
+        return latest.read_text().strip() if latest.is_file() else None
+
+    def set_latest(self, step: int) -> None:
+        tmp = self.checkpoints / ".latest.tmp"
+        tmp.write_text(tag_for(step))
+        os.replace(tmp, self.checkpoints / "latest")
+
+    def newest_complete(self, log=print) -> Checkpoint | None:
+        """The newest checkpoint that verifies against its manifest, reporting each newer one it skips."""
+        for step in reversed(self.steps()):
+            ckpt = self.checkpoint(step)
+            problem = ckpt.problem()
+            if problem is None:
+                return ckpt
+            log(f"[tcd-ds] skipping checkpoint {ckpt.dir}: {problem}")
+        return None
+
+    def read_spec(self) -> tuple[dict, ModelSpec]:
+        """The run's resolved spec, raw, and its validated model section (the rest, e.g. data paths, need not
+        be valid on this machine)."""
+        try:
+            spec = yaml.safe_load(self.spec_file.read_text())
+            return spec, ModelSpec.model_validate(spec["model"])
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.spec_file} not found: not one of our run directories") from None
+        except (yaml.YAMLError, KeyError, TypeError, ValidationError) as e:
+            raise CheckpointError(f"{self.spec_file}: not a run spec with a valid model section ({e})") from e
+
+
+def locate_checkpoint(path: str | Path, tag: str | None, verify_contents: bool = True) -> Checkpoint:
+    """A run directory, its `checkpoints/` directory or one tag directory in it; `tag` (else the one a tag
+    directory names, else `checkpoints/latest`) picks the checkpoint, which must be complete."""
+    path = Path(path)
+    if (path / "spec.yaml").is_file():
+        run_dir, named = path, None
+    elif path.name == "checkpoints" and (path.parent / "spec.yaml").is_file():
+        run_dir, named = path.parent, None
+    elif path.parent.name == "checkpoints" and (path.parent.parent / "spec.yaml").is_file():
+        run_dir, named = path.parent.parent, path.name
+    else:
+        raise CheckpointError(
+            f"{path} is not a run directory (with spec.yaml), its checkpoints/ directory or a tag directory in it"
+        )
+    if tag is not None and named is not None and tag != named:
+        raise CheckpointError(f"tag {tag} disagrees with the tag directory {path}")
+    run = RunDir(run_dir)
+    tag = tag or named or run.latest_tag()
+    if tag is None:
+        raise CheckpointError(f"no checkpoint in {run.checkpoints}: {run.checkpoints / 'latest'} not found (name a tag)")
+    ckpt = Checkpoint(run_dir, tag)
+    if not ckpt.dir.is_dir():
+        saved = sorted(p.name for p in run.checkpoints.iterdir() if p.is_dir()) if run.checkpoints.is_dir() else []
+        raise CheckpointError(f"unknown tag {tag!r}: {ckpt.dir} does not exist (saved tags: {saved or 'none'})")
+    problem = ckpt.problem(verify_contents)
+    if problem is not None:
+        raise CheckpointError(f"incomplete checkpoint {ckpt.dir}: {problem}")
+    return ckpt
