@@ -185,6 +185,7 @@ def summarise(runs: list[dict], task: Task) -> dict[str, dict[str, dict[str, flo
 def finetune(model_dir: str | Path, task: Task, config: FinetuneConfig, seeds: list[int],
              device: torch.device, log=print) -> dict:
     """Fine-tune `model_dir` on `task` once per seed; the result is what `launchers/finetune.py` writes as JSON."""
+    register_auto_classes()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     max_length = min(config.max_length, AutoConfig.from_pretrained(str(model_dir)).max_position_embeddings)
     examples = dict(task.splits)

@@ -23,7 +23,7 @@ class TrainStep:
     returned as device tensors.
     """
 
-    def __init__(self, engine, tcd: TCD | None = None, seed: int = 0, rank: int = 0):
+    def __init__(self, engine, tcd: TCD | None, seed: int, rank: int):
         self.engine = engine
         self.tcd = tcd
         self.seed, self.rank = seed, rank
