@@ -98,7 +98,11 @@ def compatibility_problems(
         for field in ("hidden_size", "num_attention_heads", "vocab_size")
         if getattr(teacher, field) != getattr(student, field)
     ]
-    if teacher.num_hidden_layers < layers_needed:
+    if teacher.num_hidden_layers != student.num_hidden_layers:  # TCD pairs layer i with layer i
+        problems.append(
+            f"num_hidden_layers: teacher has {teacher.num_hidden_layers}, student has {student.num_hidden_layers}"
+        )
+    elif teacher.num_hidden_layers < layers_needed:
         problems.append(
             f"num_hidden_layers: teacher has {teacher.num_hidden_layers}, the distilled layers need {layers_needed}"
         )
