@@ -6,6 +6,7 @@ Exit status 2 means the spec (or an override) is invalid; nothing was started.
 """
 
 import argparse
+import atexit
 import json
 import os
 import sys
@@ -40,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec, agent_overrides(os.environ) + overrides)
         spec.run_dir = agent_run_dir(spec.run_dir, os.environ)
+        from tcd_ds.data.checks import check_data_files
         from tcd_ds.train.ds_config import check_world_size, deepspeed_config
 
         check_world_size(spec, world_size)
+        check_data_files(spec.data)
         if spec.distill is not None:
             from tcd_ds.distill.teacher import check_teacher_fits_spec
 
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# generated DeepSpeed config (world size {world_size})")
         print(json.dumps(deepspeed_config(spec, world_size), indent=2))
         return 0
+    from tcd_ds.data.text import CorpusError
     from tcd_ds.distill.teacher import TeacherMismatch
     from tcd_ds.train.preflight import warn_on_stale_build_locks
     from tcd_ds.train.guard import NonFiniteTraining
@@ -64,12 +68,28 @@ def main(argv: list[str] | None = None) -> int:
         warn_on_stale_build_locks()
     try:
         train(spec)
-    except TeacherMismatch as e:  # found once the student's tokenizer exists
-        return refuse(args.spec, e)
+    except (TeacherMismatch, CorpusError) as e:  # found once the student's tokenizer exists / the corpus is read
+        exit_without_teardown(refuse(args.spec, e))
     except NonFiniteTraining as e:
         print(f"[tcd-ds] {e}", file=sys.stderr)
-        return 3
-    return 0
+        exit_without_teardown(3)
+    exit_without_teardown(0)
+
+
+def exit_without_teardown(status: int) -> None:
+    """End a rank that started a process group with `status`, skipping the interpreter's teardown.
+
+    In the teardown (Py_FinalizeEx's garbage collection of modules) the gloo groups are freed while their worker
+    threads run; CPython ends a non-main thread that then takes the GIL (e.g. to free a tensor whose Python
+    object torch kept) with pthread_exit, whose unwinding through a noexcept C++ frame calls std::terminate:
+    "terminate called without an active exception", SIGABRT, and a finished run exits non-zero (about 1 launch
+    in 80 on a loaded machine). destroy_process_group() cannot free them first: DeepSpeed's engine, group
+    registry and MoE layers keep references. Everything of the run is on disk by now (checkpoint, metrics, W&B
+    finished); the atexit handlers (multiprocessing's, W&B's, tqdm's) still run."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ RELATION_LOCATIONS: tuple[RelationLocation, ...] = ("trunk", "residual_inner", "
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every float of the spec must be finite: an `inf` weight or `nan` rate would be accepted, then train badly.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class MoESpec(Section):
@@ -212,6 +213,15 @@ class DistillSpec(Section):
             raise ValueError(f"teacher path not found: {self.teacher}")
         return self
 
+    @model_validator(mode="after")
+    def _something_to_distil(self) -> DistillSpec:
+        if not any(getattr(self, location).enabled for location in RELATION_LOCATIONS):
+            raise ValueError(
+                "every relation location (trunk, residual_inner, attention) is disabled: nothing to distil; "
+                "enable one, or leave distill out to train the MoE baseline"
+            )
+        return self
+
 
 class RunSpec(Section):
     run_dir: str = "runs/default"
@@ -250,7 +260,8 @@ def grad_accum_steps(global_batch_size: int, micro_batch_size: int, world_size: 
     if global_batch_size % per_micro_step:
         raise ValueError(
             f"train.global_batch_size ({global_batch_size}) must be a multiple of train.micro_batch_size x world "
-            f"size ({micro_batch_size} x {world_size}): gradient accumulation = global / (micro x world size)"
+            f"size ({micro_batch_size} x {world_size} = {per_micro_step}; {global_batch_size} is not divisible by "
+            f"it): gradient accumulation = global / (micro x world size)"
         )
     return global_batch_size // per_micro_step
 
@@ -306,18 +317,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str = "spec file") -> dict:
+    """A YAML file's top-level mapping, or a SpecError saying what is wrong with the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise SpecError([f"{what} not found: {path}"]) from None
+    except IsADirectoryError:
+        raise SpecError([f"{what} {path} is a directory; give a YAML file"]) from None
+    except OSError as e:
+        raise SpecError([f"{what} {path} cannot be read: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError([f"{what} {path} is not UTF-8 text (byte {e.start}): not a YAML file?"]) from None
+    except yaml.YAMLError as e:
+        raise SpecError([f"{path}: not valid YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"{path}: top level must be a mapping of sections"])
+    return data
+
+
 def load_spec(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunSpec:
     """Read a YAML spec (or only defaults), apply overrides, validate: a RunSpec or a SpecError."""
-    data: dict = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise SpecError([f"spec file not found: {path}"]) from None
-        except yaml.YAMLError as e:
-            raise SpecError([f"{path}: not valid YAML: {e}"]) from None
-        if not isinstance(data, dict):
-            raise SpecError([f"{path}: top level must be a mapping of sections"])
+    data = read_yaml_mapping(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
     try:
         return RunSpec.model_validate(data)

@@ -135,11 +135,18 @@ def test_ablate_without_locations_drops_each_enabled_one():
         load_preset(TINY, [no_attention], ablate=["attention"])
 
 
+def test_ablating_the_only_enabled_location_is_refused():
+    off = "--distill.attention.enabled=False, --distill.residual_inner.enabled=False"
+    with pytest.raises(SpecError, match="ablate: without trunk, its only enabled location, the TCD student has"):
+        load_preset(TINY, [f"--tcd.overrides=[{BUDGET}, {off}]"], ablate=["trunk"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("--moe.overrides=[--train.steps=9]", "moe and tcd must differ only by distillation; they differ in: train"),
     (f"--tcd.overrides=[{BUDGET}, --model.moe.num_experts=2]", "they differ in: model"),
     ("--ablate=[nowhere]", "ablate"),
     ("--finetune.seeds=[]", "finetune.seeds"),
+    ("--finetune.lr_full=inf", "finetune.lr_full: Input should be a finite number"),
 ])
 def test_preset_refuses_an_unfair_or_invalid_comparison(override, message):
     with pytest.raises(SpecError, match=message):

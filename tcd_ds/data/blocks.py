@@ -12,7 +12,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from tcd_ds.data.cache import build_once, cache_key
-from tcd_ds.data.text import TextLines, expand_paths, fingerprint
+from tcd_ds.data.text import CorpusError, TextLines, corpus_name, expand_paths, fingerprint, no_text
 
 STATS_FILE = "stats.json"
 _BLOCK_FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
@@ -53,7 +53,12 @@ def build_block_dataset(
 
     def build(out: Path) -> None:
         lines = TextLines(files) if hub is None else _hub_lines(hub_rows, hub.text_column)
-        stats = _build_blocks(lines, tokenizer, seq_len, out)
+        try:
+            stats = _build_blocks(lines, tokenizer, seq_len, out)
+        except CorpusError as e:
+            if hub is None and not lines.lines:
+                raise no_text(lines) from None
+            raise CorpusError(f"{corpus_name(files) if hub is None else f'hub dataset {hub.name}'}: {e}") from None
         stats["skipped_lines"] = lines.skipped if isinstance(lines, TextLines) else 0
         (out / STATS_FILE).write_text(json.dumps(stats, indent=1))
 
@@ -84,7 +89,7 @@ def _build_blocks(lines: Iterable[str], tokenizer: PreTrainedTokenizerBase, seq_
     lines = iter(lines)
     first = next(lines, None)
     if first is None:
-        raise ValueError("the corpus has no text lines")
+        raise CorpusError("no text to train on")
     # Intermediate arrow files go to a private folder, deleted once the blocks are saved; being private, they
     # need no content fingerprints (fixed names below spare `datasets` from pickling generators to hash them).
     with tempfile.TemporaryDirectory(dir=out) as work:
@@ -99,7 +104,7 @@ def _build_blocks(lines: Iterable[str], tokenizer: PreTrainedTokenizerBase, seq_
         )
         num_tokens = sum(len(ids) for batch in tokens.iter(batch_size=1000) for ids in batch["ids"])
         if num_tokens + len(text) < seq_len - 2:
-            raise ValueError(f"corpus too small: {num_tokens} tokens make no block of {seq_len}")
+            raise CorpusError(f"corpus too small: {num_tokens} tokens make no block of {seq_len} (data.seq_len)")
 
         def blocks() -> Iterator[dict]:
             token_lists = (ids for batch in tokens.iter(batch_size=1000) for ids in batch["ids"])

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tcd_ds.data.mlm import mask_tokens
+from tcd_ds.data.text import CorpusError
 from tcd_ds.spec import grad_accum_steps
 
 Batch = dict[str, torch.Tensor]
@@ -41,7 +42,8 @@ class MLMBatches:
     ):
         self.grad_accum = grad_accum_steps(global_batch_size, micro_batch_size, world_size)
         if len(dataset) < global_batch_size:
-            raise ValueError(f"dataset has {len(dataset)} blocks, fewer than one global batch ({global_batch_size})")
+            raise CorpusError(f"the training corpus makes {len(dataset)} blocks, fewer than one global batch "
+                              f"({global_batch_size}, train.global_batch_size): give more text")
         self.dataset = dataset.with_format("torch", columns=["input_ids"])
         self.tokenizer = tokenizer
         self.global_batch_size = global_batch_size
@@ -97,9 +99,9 @@ def validation_batches(
     available = len(dataset) // (micro_batch_size * world_size)
     num_batches = available if num_batches is None else num_batches
     if not 0 < num_batches <= available:
-        raise ValueError(
-            f"{num_batches} validation batches of {micro_batch_size} x {world_size} ranks asked,"
-            f" {len(dataset)} blocks hold {available}"
+        raise CorpusError(
+            f"{num_batches} validation batches of {micro_batch_size} x {world_size} ranks asked (train.eval_batches),"
+            f" the validation corpus' {len(dataset)} blocks hold {available}"
         )
     dataset = dataset.with_format("torch", columns=["input_ids"])
     batches = []

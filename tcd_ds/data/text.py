@@ -49,6 +49,37 @@ class TextLines:
                         yield line
 
 
+class CorpusError(ValueError):
+    """A corpus that cannot be trained on (no text, too little text): the user's data, not a bug; the message
+    names its files, and the launcher prints it and exits 2."""
+
+
+def corpus_name(files: list[Path]) -> str:
+    shown = ", ".join(map(str, files[:3]))
+    return shown + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
+
+
+def no_text(lines: TextLines) -> CorpusError:
+    """The error for files read to their end without one text line."""
+    why = (f"all {lines.skipped} of its non-empty lines are not UTF-8 (binary, or another encoding?)" if lines.skipped
+           else "it is empty (or whitespace only)")
+    return CorpusError(f"{corpus_name(lines.files)}: no text: {why}")
+
+
+def check_corpus(field: str, paths: list[str | Path]) -> None:
+    """A CorpusError naming `field` unless the corpus has a file and a text line. It reads up to the first text
+    line, so it costs nothing on a real corpus: cheap enough to run before any launch."""
+    try:
+        lines = TextLines(expand_paths(paths))
+        stream = iter(lines)
+        found = next(stream, None) is not None
+        stream.close()
+    except OSError as e:  # no such file, no *.txt in a directory, permission denied
+        raise CorpusError(f"{field}: {e}") from None
+    if not found:
+        raise CorpusError(f"{field}: {no_text(lines)}")
+
+
 def fingerprint(files: list[Path]) -> str:
     """sha256 over names relative to the files' common folder and contents: a moved corpus keeps its caches."""
     root = os.path.commonpath([str(f.resolve().parent) for f in files])

@@ -4,6 +4,9 @@ SentencePiece trains it (deterministically); the `tokenizers` library runs it, s
 loads with `transformers.AutoTokenizer` anywhere, with no project code and no sentencepiece install.
 """
 
+import contextlib
+import itertools
+import re
 from pathlib import Path
 
 import sentencepiece as spm
@@ -13,7 +16,7 @@ from tokenizers.models import Unigram
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tcd_ds.data.cache import build_once, cache_key
-from tcd_ds.data.text import TextLines, expand_paths, fingerprint
+from tcd_ds.data.text import CorpusError, TextLines, corpus_name, expand_paths, fingerprint, no_text
 
 SPECIAL_TOKENS = {
     "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"
@@ -21,6 +24,8 @@ SPECIAL_TOKENS = {
 # Ids 0..4 in this order; BERT-style models and the data pipeline rely on them.
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
 SPM_MODEL_FILE = "spm.model"
+# Files a saved tokenizer is made from (transformers' names); a folder with none of them holds no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
 
 def build_tokenizer(
@@ -44,16 +49,25 @@ def build_tokenizer(
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """A tokenizer folder written by `build_tokenizer` (or any `save_pretrained` folder), offline."""
+    """A tokenizer folder written by `build_tokenizer` (or any `save_pretrained` folder), offline; a ValueError
+    naming the folder when it holds no tokenizer (transformers would blame a missing sentencepiece or tiktoken)."""
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); give a folder written "
+                         "by a tokenizer's save_pretrained, e.g. a run dir's tokenizer/")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def _train(files: list[Path], out: Path, vocab_size: int, lowercase: bool, max_sentences: int, seed: int) -> None:
+    lines = TextLines(files)
+    stream = iter(lines)
+    first = next(stream, None)
+    if first is None:  # SentencePiece would fail on it with `!sentences_.empty()`
+        raise no_text(lines)
     spm.set_random_generator_seed(seed)
     model = out / SPM_MODEL_FILE
-    with open(model, "wb") as writer:
+    with open(model, "wb") as writer, _too_little_text(files, vocab_size):
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(TextLines(files)),
+            sentence_iterator=itertools.chain([first], stream),
             model_writer=writer,
             model_type="unigram",
             vocab_size=vocab_size,
@@ -68,6 +82,21 @@ def _train(files: list[Path], out: Path, vocab_size: int, lowercase: bool, max_s
             minloglevel=2,
         )
     _to_hf(model.read_bytes()).save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _too_little_text(files: list[Path], vocab_size: int):
+    """SentencePiece's refusal of a corpus with fewer distinct pieces than the vocabulary, as a CorpusError."""
+    try:
+        yield
+    except RuntimeError as e:
+        most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(e))
+        if most is None:
+            raise
+        raise CorpusError(
+            f"{corpus_name(files)}: too little text for a vocabulary of {vocab_size} pieces "
+            f"(data.tokenizer.vocab_size); it has at most {most.group(1)}"
+        ) from None
 
 
 def _to_hf(spm_model: bytes) -> PreTrainedTokenizerFast:

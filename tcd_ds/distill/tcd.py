@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tcd_ds.distill.relations import RelationDistiller
 from tcd_ds.distill.taps import TapPlan, Taps
-from tcd_ds.distill.teacher import load_teacher, locate_teacher
+from tcd_ds.distill.teacher import load_teacher
 from tcd_ds.spec import RunSpec
 
 
@@ -32,10 +32,8 @@ class TCD:
     def build(cls, spec: RunSpec, student: nn.Module, tokenizer: PreTrainedTokenizerBase,
               device: torch.device) -> TCD:
         d = spec.distill
-        source = locate_teacher(d.teacher, d.teacher_tag)
-        teacher_layers = source.config()[0].num_hidden_layers
-        plan = TapPlan.from_spec(d, min(student.config.num_hidden_layers, teacher_layers))
-        teacher = load_teacher(d, student.config, tokenizer, plan.layers_needed(), device, source)
+        plan = TapPlan.from_spec(d, student.config.num_hidden_layers)  # the teacher's depth is checked equal
+        teacher = load_teacher(d, student.config, tokenizer, plan.layers_needed(), device)
         return cls(teacher, student, RelationDistiller(d, plan, student.config.num_attention_heads))
 
     @torch.no_grad()

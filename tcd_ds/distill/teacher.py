@@ -88,7 +88,11 @@ def compatibility_problems(
         for field in ("hidden_size", "num_attention_heads", "vocab_size")
         if getattr(teacher, field) != getattr(student, field)
     ]
-    if teacher.num_hidden_layers < layers_needed:
+    if teacher.num_hidden_layers != student.num_hidden_layers:  # TCD pairs layer i with layer i
+        problems.append(
+            f"num_hidden_layers: teacher has {teacher.num_hidden_layers}, student has {student.num_hidden_layers}"
+        )
+    elif teacher.num_hidden_layers < layers_needed:
         problems.append(
             f"num_hidden_layers: teacher has {teacher.num_hidden_layers}, the distilled layers need {layers_needed}"
         )
@@ -129,14 +133,11 @@ def check_teacher_fits_spec(spec: RunSpec) -> None:
     vocabulary itself when the student's tokenizer is given by path; else it is compared once trained)."""
     from tcd_ds.distill.taps import TapPlan
 
-    source = locate_teacher(spec.distill.teacher, spec.distill.teacher_tag)
-    teacher = source.config()[0]
     tokenizer = load_tokenizer(spec.data.tokenizer.path) if spec.data.tokenizer.path else None
     vocab_size = len(tokenizer) if tokenizer else spec.data.tokenizer.vocab_size
     student = bert_config(spec.model, vocab_size, pad_token_id=0)
-    shared = min(spec.model.num_layers, teacher.num_hidden_layers)
-    layers_needed = TapPlan.from_spec(spec.distill, shared).layers_needed()
-    check_teacher_compatible(spec.distill, student, tokenizer, layers_needed, source)
+    layers_needed = TapPlan.from_spec(spec.distill, spec.model.num_layers).layers_needed()
+    check_teacher_compatible(spec.distill, student, tokenizer, layers_needed)
 
 
 def load_teacher(
@@ -145,12 +146,11 @@ def load_teacher(
     student_tokenizer: PreTrainedTokenizerBase,
     layers_needed: int,
     device: torch.device | str,
-    source: TeacherSource | None = None,
 ) -> nn.Module:
     """The teacher's encoder (no MLM head, no pooler) up to the last distilled layer, frozen, in eval mode,
     wrapped by `deepspeed.init_inference`. Kernel injection stays off on every device: it fuses each BertLayer
     into one op, which removes the submodules the taps hook (and raises on CPU)."""
-    source = source or locate_teacher(distill.teacher, distill.teacher_tag)
+    source = locate_teacher(distill.teacher, distill.teacher_tag)  # once per launch
     config = check_teacher_compatible(distill, student_config, student_tokenizer, layers_needed, source)
     bert = source.weights(config).bert
     bert.encoder.layer = bert.encoder.layer[:layers_needed]

@@ -14,7 +14,9 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from tcd_ds.rundir import RunDir
-from tcd_ds.spec import RELATION_LOCATIONS, DistillSpec, RelationLocation, RunSpec, Section, SpecError, apply_overrides
+from tcd_ds.spec import (
+    RELATION_LOCATIONS, DistillSpec, RelationLocation, RunSpec, Section, SpecError, apply_overrides, read_yaml_mapping,
+)
 
 
 class Pretraining(Section):
@@ -96,6 +98,10 @@ class Preset(Section):
         disabled = [loc for loc in self.ablate if loc not in enabled_locations(tcd["distill"])]
         if disabled:
             raise ValueError(f"ablate: {disabled} not enabled in the TCD student, nothing to drop")
+        alone = [loc for loc in self.ablate if not ablated_leaves_some(tcd["distill"], loc)]
+        if alone:
+            raise ValueError(f"ablate: without {alone[0]}, its only enabled location, the TCD student has nothing "
+                             "to distil")
         return self
 
 
@@ -120,13 +126,16 @@ def enabled_locations(distill: dict) -> list[str]:
     return [loc for loc in RELATION_LOCATIONS if getattr(resolved, loc).enabled and getattr(resolved, loc).weight > 0]
 
 
+def ablated_leaves_some(distill: dict, location: str) -> bool:
+    """Whether the raw distill section still enables a location once `location` is off (the spec's defaults apply)."""
+    resolved = DistillSpec.model_validate({**distill, "teacher": "."})
+    return any(getattr(resolved, loc).enabled for loc in RELATION_LOCATIONS if loc != location)
+
+
 def load_preset(path: str | os.PathLike, overrides: list[str] = (), ablate: list[str] | None = None) -> Preset:
     """Read, override and validate a preset. `ablate` (the command line's) replaces the preset's list; empty, it
     means every location the TCD student has enabled."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise SpecError([f"preset file not found: {path}"]) from None
+    data = read_yaml_mapping(path, "preset file")
     data = apply_overrides(data, list(overrides))
     try:
         preset = Preset.model_validate(data)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from tcd_ds.data.blocks import HubText, build_block_dataset
 from tcd_ds.data.loader import MLMBatches, validation_batches
+from tcd_ds.data.text import CorpusError
 from tcd_ds.data.tokenizer import build_tokenizer, load_tokenizer
 from tcd_ds.distill.tcd import TCD
 from tcd_ds.models.build import build_model
@@ -40,11 +41,20 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 
 
 def local_rank_zero_first(build):
-    """Build a cached artifact on each node's first rank, then let the others hit the cache."""
+    """Build a cached artifact on each node's first rank, then let the others hit the cache. A corpus that
+    cannot be built from fails on every rank with the builder's message (not with a traceback from a barrier
+    whose peer has left)."""
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    problem = None
     if first:
-        result = build()
-    dist.barrier()
+        try:
+            result = build()
+        except CorpusError as e:
+            problem = str(e)
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)  # also the barrier
+    if any(problems):
+        raise CorpusError(next(p for p in problems if p))
     if not first:
         result = build()
     return result
