@@ -216,7 +216,8 @@ def forward_flops(config, batch: int, seq_len: int, head_tokens: float, layers: 
 # ------------------------------------------------------------------------------------------- the steps
 
 
-def run_spec(preset: str, kind: str, run_dir: Path, cache_dir: str, world: int, teacher: Path | None = None) -> RunSpec:
+def run_spec(preset: str, kind: str, run_dir: Path, cache_dir: str, world: int, teacher: Path | None = None,
+             extra: tuple[str, ...] = ()) -> RunSpec:
     """A preset's spec with one micro-batch per rank per step (a fixed per-rank batch whatever the world)."""
     path = REPO / "ds_configs" / dict(zip(("dense", "moe", "tcd"), PRESETS[preset]))[kind]
     teacher_arg = [f"--distill.teacher={teacher}"] if kind == "tcd" else []
@@ -228,7 +229,7 @@ def run_spec(preset: str, kind: str, run_dir: Path, cache_dir: str, world: int, 
     ]
     if kind != "dense":
         overrides.append(f"--model.moe.ep_size={math.gcd(base.model.moe.ep_size, world)}")
-    return load_spec(path, overrides)
+    return load_spec(path, [*overrides, *extra])
 
 
 def build(kind: str, cfg: dict, world: int, run_dir: Path, teacher: Path | None = None) -> Trainer:
@@ -687,6 +688,129 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------ expert count (issue 13)
+
+
+EXPERT_VARIANTS = {  # name: (kind, overrides of the MoE preset, label); same shapes and batch as the dense step
+    "dense": ("dense", (), "dense"),
+    "moe8": ("moe", ("--model.moe.num_experts=8", "--model.moe.layers=every_other"), "8 experts, every other layer"),
+    "moe64": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every_other"),
+              "64 experts, every other layer"),
+    "moe64_every": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every"), "64 experts, every layer"),
+    "moe64_loop": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every_other"),
+                   "64 experts, every other layer, DeepSpeed's per-expert loop"),
+}
+EXPERT_TARGETS = [("moe64", "dense", 0.85), ("moe64", "moe8", 0.95), ("moe64_every", "dense", 0.75)]
+
+
+def with_deepspeed_loop(trainer: Trainer) -> Trainer:
+    """The student with DeepSpeed's own `Experts.forward` (the per-expert loop) on the same parameters."""
+    from deepspeed.moe.experts import Experts
+    for block in trainer.model.moe_blocks().values():
+        block.deepspeed_moe.experts.__class__ = Experts
+    return trainer
+
+
+def parameter_memory(trainer: Trainer) -> dict[str, dict[str, int]]:
+    """Bytes this rank holds, shared against expert parameters: the module's weights; ZeRO's fp32 master copy,
+    gradient partition (the reduced gradients a rank keeps, sized as its master partition) and Adam moments.
+    ZeRO partitions shared groups over the data-parallel world and expert groups over the expert-data-parallel
+    group (world / ep_size ranks), so at ep_size == world size the expert state is not partitioned at all."""
+    from deepspeed.moe.utils import is_moe_param
+    out = {side: defaultdict(int) for side in ("shared", "expert")}
+    for p in trainer.model.parameters():
+        out["expert" if is_moe_param(p) else "shared"]["model"] += p.numel() * p.element_size()
+    opt = trainer.engine.optimizer
+    for i, master in enumerate(getattr(opt, "single_partition_of_fp32_groups", [])):
+        side = out["expert" if opt.is_moe_group(opt.optimizer.param_groups[i]) else "shared"]
+        side["master weights"] += master.numel() * master.element_size()
+        side["gradients"] += master.numel() * master.element_size()
+        side["optimizer state"] += sum(t.numel() * t.element_size() for t in opt.optimizer.state[master].values()
+                                       if torch.is_tensor(t) and t.ndim > 0)
+        side["partitioned over ranks"] = opt.partition_count[i]
+    return {side: dict(parts) for side, parts in out.items()}
+
+
+def experts_world(rank: int, world: int, port: int, cfg: dict) -> None:
+    init_rank(rank, world, port, cfg["threads"])
+    work = Path(cfg["work"])
+    trainers = {}
+    for name, (kind, extra, _) in EXPERT_VARIANTS.items():
+        spec = run_spec(cfg["preset"], kind, work / name, cfg["cache_dir"], world, extra=extra)
+        trainers[name] = Trainer(spec)
+    with_deepspeed_loop(trainers["moe64_loop"])
+    batches = [trainers["dense"].train_batches.micro_batches(s) for s in range(4)]
+    variants = {name: engine_stepper(t, batches) for name, t in trainers.items()}
+    seconds = rounds_of(variants, cfg["rounds"], cfg["steps"])
+    breakdown = {name: phase_breakdown(trainers[name], batches, cfg["rounds"]) for name in ("dense", "moe64")}
+    profiles = {name: top_ops(variants[name]) for name in ("dense", "moe8", "moe64", "moe64_every", "moe64_loop")}
+    memory = every_rank({name: parameter_memory(t) for name, t in trainers.items()})
+    if rank == 0:
+        first = batches[0][0]["input_ids"]
+        out = {"world_size": world, "tokens_per_rank_per_step": first.numel(), "seconds": seconds,
+               "breakdown": breakdown, "profiles": profiles, "memory": memory, "load_average": os.getloadavg(),
+               "ep_size": {n: t.model.config.ep_size for n, t in trainers.items() if n != "dense"},
+               "parameters": {n: sum(p.numel() for p in t.model.parameters()) for n, t in trainers.items()}}
+        (work / "experts.json").write_text(json.dumps(out))
+    end_world()
+
+
+def experts_markdown(r: dict, command: str) -> str:
+    cs, world, tokens = clocks(), r["world_size"], r["tokens_per_rank_per_step"]
+    s = r["seconds"]
+
+    def ratio(a: str, b: str, clock: str) -> list[float]:  # tokens/s of a over b, within each round
+        return [tb / ta for ta, tb in zip(s[clock][a], s[clock][b])]
+
+    def shown(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f} to {max(values):.2f})"
+
+    lines = [f"Command: `{command}`", "",
+             f"{get_accelerator().device_name()}, {world} ranks, {tokens} tokens per rank per step, "
+             f"{len(s['wall']['dense'])} interleaved rounds; ratios: median (min to max) over rounds of the ratio "
+             f"within a round. Load average at the end: {r['load_average'][0]:.1f}.", ""]
+    lines += table(["student", "params per rank", "ep_size", *(f"tokens/s, {c}" for c in cs),
+                    *(f"vs dense, {c}" for c in cs), *(f"vs 8 experts, {c}" for c in cs)], [
+        [label, f"{r['parameters'][n] / 1e6:.1f}M", r["ep_size"].get(n, "-"),
+         *(f"{world * tokens / statistics.median(s[c][n]):.0f}" for c in cs),
+         *(shown(ratio(n, "dense", c)) for c in cs), *(shown(ratio(n, "moe8", c)) for c in cs)]
+        for n, (_, _, label) in EXPERT_VARIANTS.items()])
+    clock = "cpu" if on_cpu() else "wall"
+    lines += ["", f"Targets (tokens/s ratio, {clock} time):", ""]
+    lines += table(["ratio", "bound", "measured", "verdict"], [
+        [f"{EXPERT_VARIANTS[a][2]} / {EXPERT_VARIANTS[b][2]}", f">= {bound}", shown(ratio(a, b, clock)),
+         "met" if statistics.median(ratio(a, b, clock)) >= bound else "**missed**"] for a, b, bound in EXPERT_TARGETS])
+    for name, phases in r["breakdown"].items():
+        lines += ["", f"Phases of the {EXPERT_VARIANTS[name][2]} step, ms (share), each call drained and timed:", ""]
+        lines += table(["phase", *cs], [[phase, *(f"{1e3 * t[c]:.1f} ({100 * t[c] / phases['total'][c]:.0f}%)"
+                                                  for c in cs)] for phase, t in phases.items()])
+    mib = 2**20
+    lines += ["", "Memory per rank, MiB (rank 0), shared / expert parameters; ZeRO partitions each over the ranks "
+              "shown:", ""]
+    parts = ("model", "gradients", "master weights", "optimizer state")
+    lines += table(["student", *parts, "partitioned over"], [
+        [EXPERT_VARIANTS[n][2], *(" / ".join(f"{m[side].get(part, 0) / mib:.1f}" for side in ("shared", "expert"))
+                                  for part in parts),
+         " / ".join(str(m[side].get("partitioned over ranks", "-")) for side in ("shared", "expert"))]
+        for n, m in r["memory"][0].items()])
+    for name, ops in r["profiles"].items():
+        lines += ["", f"Profile of one {EXPERT_VARIANTS[name][2]} step, rank 0, top ops by self time:", ""]
+        lines += table(["op", "ms", "share", "calls"],
+                       [[f"`{o['op']}`", f"{o['ms']:.1f}", f"{100 * o['share']:.0f}%", o["calls"]] for o in ops])
+    return "\n".join(lines) + "\n"
+
+
+def experts_main(cfg: dict, out: Path, command: str) -> int:
+    """The expert-count comparison alone: OUT/experts.json and OUT/experts.md."""
+    spawn(experts_world, cfg["ranks"], cfg)
+    results = json.loads((Path(cfg["work"]) / "experts.json").read_text())
+    (out / "experts.json").write_text(json.dumps(results, indent=1))
+    report = experts_markdown(results, command)
+    (out / "experts.md").write_text(report)
+    print(report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench", help="directory for bench.json, bench.md and work files")
@@ -697,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-rounds", type=int, default=2, help="interleaved (1 rank, N ranks) launch pairs")
     parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "tcd_ds"), help="tokenizer and data cache")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a couple of steps: checks it runs")
+    parser.add_argument("--experts", action="store_true", help="only the expert-count comparison (issue 13)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.scaling_rounds = 2, 1, 1
@@ -713,8 +838,12 @@ def main(argv: list[str] | None = None) -> int:
         "work": str(work), "preset": "quick" if args.quick else "demo", "cache_dir": args.cache_dir,
         "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
         "peak_budget_s": 0.1 if args.quick else 0.5, "relation_ns": [8, 16] if args.quick else [32, 64, 128, 256, 512],
-        "scaling_blocks": 2 if args.quick else 4,
+        "scaling_blocks": 2 if args.quick else 4, "ranks": args.ranks,
     }
+    command = "DS_ACCELERATOR=cpu " * on_cpu() + "python tools/bench.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    if args.experts:
+        return experts_main(cfg, out, command.strip())
     spawn(main_world, args.ranks, cfg)
     for _ in range(args.scaling_rounds if args.ranks > 1 else 0):
         spawn(scaling_world, 1, cfg)
@@ -722,8 +851,6 @@ def main(argv: list[str] | None = None) -> int:
     spawn(memory_world, args.ranks, cfg, env={"MALLOC_MMAP_THRESHOLD_": "65536"} if on_cpu() else {})
     scaling_file = work / "scaling.jsonl"
     scaling = [json.loads(line) for line in scaling_file.read_text().splitlines()] if scaling_file.exists() else []
-    command = "DS_ACCELERATOR=cpu " * on_cpu() + "python tools/bench.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
     results = summarize(json.loads((work / "main.json").read_text()), json.loads((work / "memory.json").read_text()),
                         scaling, args, command.strip())
     (out / "bench.json").write_text(json.dumps(results, indent=1))

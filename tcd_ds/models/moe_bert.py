@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM
 
 from tcd_ds.hf import modeling_moe_bert as plain
 from tcd_ds.hf.modeling_moe_bert import ExpertFFN, MoEBertConfig
+from tcd_ds.models.batched_experts import BatchedExperts
 from tcd_ds.models.bert import bert_kwargs, with_masked_mlm_head
 from tcd_ds.spec import ModelSpec
 
@@ -55,6 +56,7 @@ class MoEFeedForward(MoE):
             noisy_gate_policy=config.noisy_gate_policy,
             drop_tokens=config.drop_tokens,
         )
+        self.deepspeed_moe.experts = BatchedExperts(self.deepspeed_moe.experts)
         if config.balance_loss not in ("switch", "kl_uniform"):
             raise ValueError(f"unknown balance_loss {config.balance_loss!r}: use 'switch' or 'kl_uniform'")
         self.balance_kind = config.balance_loss
