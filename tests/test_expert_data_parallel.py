@@ -2,15 +2,22 @@
 reduced across them), on 4 CPU ranks: real DeepSpeed ZeRO-2 engines, checked against one process holding every
 expert; then real training runs of both layouts converted and resumed elastically."""
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from deepspeed.utils import groups
 
+from conftest import STUDENT_MOE, final_weights, free_port
+from tcd_ds.hf import MoEBertForMaskedLM
+from tcd_ds.hf.convert import convert
 from tcd_ds.models import build_student, moe_param_groups
 from test_models_dist import E, V, init_rank, rank_batch, spawn, spec
 
@@ -93,3 +100,67 @@ def test_expert_gradients_equal_one_process_with_the_concatenated_batch():
     """ep_size 2 (two replicas of each expert) and 4 on 4 ranks: after one step each expert's (and each shared
     weight's) update is the gradient of the whole batch, not a multiple of it; replicas stay identical."""
     spawn(gradients_worker, WORLD)
+
+
+# --- real runs: both layouts trained by `Trainer` on 4 ranks, converted, and resumed on 2 ranks with ep_size 2 ---
+
+LAYOUTS = (2, 4)  # ep_size on 4 ranks
+NO_DROPS = "--model.moe.eval_capacity_factor=4.0"  # = num_experts: DeepSpeed's eval drops nothing (test_convert.py)
+
+
+def run_overrides(run_dir: Path, cache_dir: Path, ep_size: int, steps: int, *extra: str) -> list[str]:
+    return [f"--run_dir={run_dir}", f"--data.cache_dir={cache_dir}", f"--train.steps={steps}",
+            "--checkpoint.every=2", "--train.eval_every=100", "--logging.progress_bar=False",
+            "--train.micro_batch_size=4", f"--model.moe.ep_size={ep_size}", NO_DROPS, *extra]
+
+
+def trainer_worker(rank: int, world_size: int, port: int, root: str, cache_dir: str, resume_from: str) -> None:
+    """Train each layout 2 steps and write each rank's engine eval logits on a fixed batch; or (resume_from set)
+    resume that run with ep_size 2 on this world, at a learning rate too small to move an fp32 weight."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    from ds_eval_logits import fixed_batch
+    from tcd_ds.spec import load_spec
+    from tcd_ds.train.trainer import Trainer
+
+    if resume_from:
+        Trainer(load_spec(STUDENT_MOE, run_overrides(Path(resume_from), Path(cache_dir), 2, 3, "--optim.lr=1e-30"))).fit()
+        return
+    for ep_size in LAYOUTS:
+        run_dir = Path(root) / f"ep{ep_size}"
+        trainer = Trainer(load_spec(STUDENT_MOE, run_overrides(run_dir, Path(cache_dir), ep_size, 2)))
+        trainer.fit()
+        trainer.engine.eval()
+        ids, mask = fixed_batch(rank, len(trainer.tokenizer), trainer.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = trainer.engine(input_ids=ids, attention_mask=mask).logits
+        torch.save({"input_ids": ids, "attention_mask": mask, "logits": logits}, run_dir / f"logits.rank{rank}.pt")
+
+
+def spawn_trainers(world_size: int, *args: str) -> None:
+    mp.spawn(trainer_worker, args=(world_size, free_port(), *args), nprocs=world_size, join=True)
+
+
+def test_both_layouts_convert_to_the_engines_logits_and_resume_on_2_ranks(tmp_path, cache_dir):
+    """Each 4-rank layout's checkpoint (expert files by global id, two writers' worth of replicas at ep_size 2)
+    converts to a model whose logits are the engine's eval logits on every rank's batch; the ep_size-4 run then
+    resumes on 2 ranks with ep_size 2 (module weights only), and saves the weights it loaded."""
+    spawn_trainers(WORLD, str(tmp_path), str(cache_dir), "")
+    for ep_size in LAYOUTS:
+        run_dir = tmp_path / f"ep{ep_size}"
+        model = MoEBertForMaskedLM.from_pretrained(convert(run_dir, tmp_path / f"hf{ep_size}")).eval()
+        assert model.config.num_experts == E and not model.config.eval_drop_tokens
+        for rank in range(WORLD):
+            result = torch.load(run_dir / f"logits.rank{rank}.pt", weights_only=True)
+            with torch.no_grad():
+                logits = model(input_ids=result["input_ids"], attention_mask=result["attention_mask"]).logits
+            torch.testing.assert_close(logits, result["logits"], rtol=0, atol=1e-5, msg=f"ep_size {ep_size}")
+    original = final_weights(tmp_path / "ep4")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ep4", resumed)
+    spawn_trainers(2, str(tmp_path), str(cache_dir), str(resumed))
+    assert json.loads((resumed / "checkpoints" / "step_3" / "manifest.json").read_text())["ep_size"] == 2
+    weights = final_weights(resumed)
+    assert weights.keys() == original.keys()
+    for name, tensor in original.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=0, msg=name)
