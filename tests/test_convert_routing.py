@@ -92,7 +92,7 @@ def test_capacity_and_drop_counts_equal_deepspeed(training):
     """25 tokens, 4 experts, factor 2.4: 25 / 4 * float32(2.4) = 15.000001, so DeepSpeed's capacity is 16 where
     exact arithmetic gives 15. Which overflowing tokens DeepSpeed keeps is random; how many is not."""
     factor = {"capacity_factor": 2.4, "eval_capacity_factor": 99.0} if training else {"eval_capacity_factor": 2.4}
-    cfg = config(**factor, min_capacity=0)
+    cfg = config(**factor, min_capacity=0, eval_drop_tokens=True)  # DeepSpeed's eval always drops
     plain, deepspeed = pair(cfg)
     plain.train(training), deepspeed.train(training)
     assert math.ceil(25 / 4 * 2.4) == 15 and plain.deepspeed_moe.gate.capacity(25) == 16
@@ -109,9 +109,9 @@ def test_capacity_and_drop_counts_equal_deepspeed(training):
 
 @pytest.mark.parametrize("noise", [None, "Jitter", "RSample"])
 def test_eval_keeps_the_first_tokens_of_each_expert_in_batch_order(noise):
-    """The documented deterministic eval: a loop over tokens in row-major order, each taken by its expert while
-    that expert has room; padding takes no room; the gate noise of training is off."""
-    cfg = config(eval_capacity_factor=0.5, min_capacity=2, noisy_gate_policy=noise)
+    """The documented deterministic eval with `eval_drop_tokens`: a loop over tokens in row-major order, each
+    taken by its expert while that expert has room; padding takes no room; the gate noise of training is off."""
+    cfg = config(eval_capacity_factor=0.5, min_capacity=2, noisy_gate_policy=noise, eval_drop_tokens=True)
     plain, _ = pair(cfg)
     plain.eval()
     x = skewed_inputs(4, 6, seed=1)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from torch import Tensor
 
+from tcd_ds.models.batched_experts import BatchedExperts
 from tcd_ds.models.modeling_moe_bert import ExpertFFN, MoEBertConfig, MoEBertForMaskedLM, kl_uniform_balance_loss
 
 
@@ -51,6 +52,7 @@ class DeepSpeedMoEFeedForward(MoE):
             noisy_gate_policy=config.noisy_gate_policy,
             drop_tokens=config.drop_tokens,
         )
+        self.deepspeed_moe.experts = BatchedExperts(self.deepspeed_moe.experts)
         if config.balance_loss not in ("switch", "kl_uniform"):
             raise ValueError(f"unknown balance_loss {config.balance_loss!r}: use 'switch' or 'kl_uniform'")
         self.balance_kind = config.balance_loss

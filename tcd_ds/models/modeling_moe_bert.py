@@ -19,12 +19,20 @@ Routing is DeepSpeed's top-1 gate (`deepspeed.moe.sharded_moe.top1gating`) writt
 - Capacity per expert = max(ceil(S / E * factor), min_capacity), computed in fp32 as DeepSpeed does, where
   S counts every position of the call (padding included) and factor is `capacity_factor` in training and
   `eval_capacity_factor` in eval. `drop_tokens=False` means unlimited capacity.
-- An expert keeps at most `capacity` of its tokens; the others get MoE output 0 (the residual carries them).
-  DeepSpeed picks the kept tokens at random (Random Token Selection) in training and in eval alike. Here
-  training does the same, while eval keeps each expert's first `capacity` tokens in batch order (row-major
-  over [batch, position]), so that eval outputs are deterministic. Where no expert overflows, the two agree.
-  DeepSpeed computes capacity per rank's micro-batch: to reproduce a training-time evaluation that dropped
-  tokens, call the model with one rank's micro-batch.
+- In training an expert keeps at most `capacity` of its tokens; the others get MoE output 0 (the residual
+  carries them). DeepSpeed picks the kept tokens at random (Random Token Selection), and so does this class.
+- Eval and inference drop no token by default (`eval_drop_tokens=False`): every real token goes through its
+  expert, so an example's output does not depend on the other examples of its batch or on their order.
+  DeepSpeed's own eval (the engine in eval mode, as in training-time validation) does drop, at
+  `eval_capacity_factor` and at random; the two agree wherever no expert overflows (e.g. with
+  `eval_capacity_factor` >= num_experts). `eval_drop_tokens=True` restores capacity at eval, keeping each
+  expert's first `capacity` tokens in batch order (row-major over [batch, position]), deterministic; to
+  reproduce a training-time evaluation that dropped tokens, call it with one rank's micro-batch (DeepSpeed
+  computes capacity per rank's micro-batch).
+- The experts run batched over their stacked weights, the kept tokens sorted by expert: one
+  `torch._grouped_mm` per projection where it runs (CPU; CUDA bf16 from sm90); elsewhere one `baddbmm` over a
+  capacity-padded [experts, rows, H] buffer (as the training class does with DeepSpeed's dispatch buffer), or,
+  where routing is so uneven that padding would more than double the work, one product per expert.
 - Noise (`noisy_gate_policy`) applies in training only, as in DeepSpeed: `Jitter` scales the gate input by
   U(0.99, 1.01), `RSample` adds Gumbel noise to the logits that pick the expert.
 - Unlike DeepSpeed, a call with fewer tokens than `min_capacity` is allowed (everything fits).
@@ -63,6 +71,7 @@ class MoEBertConfig(BertConfig):
     eval_capacity_factor: float | int = 1.0
     min_capacity: int = 4
     drop_tokens: bool = True
+    eval_drop_tokens: bool = False
     noisy_gate_policy: Literal["Jitter", "RSample"] | None = None
     balance_loss: Literal["switch", "kl_uniform"] = "switch"
     balance_weight: float | int = 0.01
@@ -94,6 +103,7 @@ class Top1Gate(nn.Module):
         self.eval_capacity_factor = config.eval_capacity_factor
         self.min_capacity = config.min_capacity
         self.drop_tokens = config.drop_tokens
+        self.eval_drop_tokens = config.eval_drop_tokens
         self.noisy_gate_policy = config.noisy_gate_policy
 
     def capacity(self, num_tokens: int) -> int:
@@ -114,7 +124,7 @@ class Top1Gate(nn.Module):
         else:
             expert = probs.argmax(dim=-1)
         kept = torch.ones_like(expert, dtype=torch.bool) if token_mask is None else token_mask.bool()
-        if self.drop_tokens:
+        if self.drop_tokens and (self.training or self.eval_drop_tokens):
             kept = kept & self.within_capacity(expert, kept)
         return expert, probs, kept
 
@@ -133,12 +143,63 @@ class Top1Gate(nn.Module):
         return fits
 
 
+def stacked_experts(experts: nn.ModuleList) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The experts' weights stacked: dense_in [E, I, H] and [E, I], dense_out [E, H, I] and [E, H]. A copy per
+    call, whose backward hands each expert its slice of the gradient; the parameters stay one Linear each."""
+    return (torch.stack([e.dense_in.weight for e in experts]), torch.stack([e.dense_in.bias for e in experts]),
+            torch.stack([e.dense_out.weight for e in experts]), torch.stack([e.dense_out.bias for e in experts]))
+
+
+def batched_expert_ffn(x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+    """`ExpertFFN.forward` of each expert on its own rows, one product per projection: x [E, N, H] -> [E, N, H]."""
+    h = F.gelu(torch.baddbmm(b_in.unsqueeze(1), x, w_in.transpose(1, 2)))
+    return torch.baddbmm(b_out.unsqueeze(1), h, w_out.transpose(1, 2))
+
+
 class Experts(nn.Module):
     """All experts of one layer, indexed by global expert id."""
 
     def __init__(self, config: MoEBertConfig):
         super().__init__()
         self.deepspeed_experts = nn.ModuleList(ExpertFFN(config) for _ in range(config.num_experts))
+
+    def forward(self, rows: Tensor, counts: Tensor) -> Tensor:
+        """rows [N, H], sorted by expert, `counts[e]` of them expert e's -> each row through its expert, [N, H]."""
+        if rows.shape[0] == 0:
+            return torch.zeros_like(rows)
+        weights = stacked_experts(self.deepspeed_experts)
+        if grouped_mm_supported(rows):
+            return grouped_expert_ffn(rows, counts, *weights)
+        num_experts, sizes = len(self.deepspeed_experts), counts.tolist()
+        capacity = max(sizes)
+        if num_experts * capacity > 2 * rows.shape[0]:  # padding would more than double the work
+            chunks = rows.split(sizes)
+            return torch.cat([ffn(chunk) if len(chunk) else chunk
+                              for ffn, chunk in zip(self.deepspeed_experts, chunks)])
+        owner = torch.repeat_interleave(torch.arange(num_experts, device=rows.device), counts)
+        slot = torch.arange(rows.shape[0], device=rows.device) - (counts.cumsum(0) - counts)[owner]
+        padded = rows.new_zeros(num_experts, capacity, rows.shape[1]).index_put((owner, slot), rows)
+        return batched_expert_ffn(padded, *weights)[owner, slot]
+
+
+def grouped_mm_supported(rows: Tensor) -> bool:
+    """Whether `torch._grouped_mm` (one product over row groups of different sizes) runs on these rows: on CPU
+    in fp32, bf16 or fp16, and on CUDA for bf16 from compute capability 9.0."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if rows.device.type == "cpu":
+        return rows.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return (rows.device.type == "cuda" and rows.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(rows.device) >= (9, 0))
+
+
+def grouped_expert_ffn(rows: Tensor, counts: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
+                       b_out: Tensor) -> Tensor:
+    """`ExpertFFN.forward` over rows sorted by expert, without padding: rows [N, H] -> [N, H]."""
+    ends = counts.cumsum(0).to(torch.int32)
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=rows.device), counts)
+    h = F.gelu(torch._grouped_mm(rows, w_in.transpose(1, 2), offs=ends) + b_in[owner])
+    return torch._grouped_mm(h, w_out.transpose(1, 2), offs=ends) + b_out[owner]
 
 
 class Top1MoE(nn.Module):
@@ -153,12 +214,11 @@ class Top1MoE(nn.Module):
     def forward(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         expert, probs, kept = self.gate(x, token_mask)
         weight = probs.gather(1, expert[:, None]).squeeze(1)
-        out = torch.zeros_like(x)
-        for e, ffn in enumerate(self.experts.deepspeed_experts):
-            tokens = torch.nonzero(kept & (expert == e)).squeeze(1)
-            routed = weight[tokens, None] * ffn(x[tokens]).float()  # combined in fp32, as DeepSpeed does
-            out = out.index_add(0, tokens, routed.to(x.dtype))
-        return out, probs, expert
+        tokens = torch.nonzero(kept).squeeze(1)
+        tokens = tokens[expert[tokens].argsort(stable=True)]  # kept tokens grouped by expert, in batch order
+        counts = torch.bincount(expert[tokens], minlength=probs.shape[1])
+        routed = weight[tokens, None] * self.experts(x[tokens], counts).float()  # combined in fp32, as DeepSpeed
+        return torch.zeros_like(x).index_add(0, tokens, routed.to(x.dtype)), probs, expert
 
 
 def switch_balance_loss(probs: Tensor, expert: Tensor, token_mask: Tensor | None) -> Tensor:
