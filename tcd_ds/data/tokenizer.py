@@ -4,6 +4,9 @@ SentencePiece trains it (deterministically); the `tokenizers` library runs it, s
 loads with `transformers.AutoTokenizer` anywhere, with no project code and no sentencepiece install.
 """
 
+import itertools
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import sentencepiece as spm
@@ -12,8 +15,9 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers.models import Unigram
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from tcd_ds.data.blocks import HubText
 from tcd_ds.data.cache import build_once, cache_key
-from tcd_ds.data.text import TextLines, expand_paths, fingerprint
+from tcd_ds.data.text import TextLines, expand_paths, fingerprint, sample_lines
 
 SPECIAL_TOKENS = {
     "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"
@@ -21,6 +25,7 @@ SPECIAL_TOKENS = {
 # Ids 0..4 in this order; BERT-style models and the data pipeline rely on them.
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
 SPM_MODEL_FILE = "spm.model"
+SAMPLE_ABOVE_BYTES = 1 << 30  # reading every line of a bigger corpus into SentencePiece would take minutes
 
 
 def build_tokenizer(
@@ -30,16 +35,33 @@ def build_tokenizer(
     lowercase: bool = False,
     max_sentences: int = 2_000_000,
     seed: int = 0,
+    hub: HubText | None = None,
+    cached_only: bool = False,
 ) -> PreTrainedTokenizerBase:
-    """Train (or reuse from `cache_dir/tokenizers/<hash>`) a unigram tokenizer on the text files.
+    """Train (or reuse from `cache_dir/tokenizers/<hash>`) a unigram tokenizer on the text files, or on `hub`.
 
-    The hash covers the corpus content and every training option, so any change retrains. Corpora with more
-    than `max_sentences` lines are sampled (with `seed`) to bound SentencePiece's memory.
+    The hash covers the corpus content and every training option, so any change retrains. SentencePiece keeps
+    at most `max_sentences` lines (sampled with `seed`); a corpus over SAMPLE_ABOVE_BYTES, or a hub dataset, is
+    sampled before it reaches SentencePiece, so that training time is bounded too: runs of lines from seeded
+    random offsets of the files, or the first lines of the hub stream shuffled with `seed`.
+    `cached_only`: raise `NotCached` rather than train.
     """
-    files = expand_paths(train_paths)
     options = dict(vocab_size=vocab_size, lowercase=lowercase, max_sentences=max_sentences, seed=seed)
-    key = cache_key(corpus=fingerprint(files), sentencepiece=spm.__version__, **options)
-    folder = build_once(Path(cache_dir) / "tokenizers" / key, lambda tmp: _train(files, tmp, **options))
+    if hub is None:
+        files = expand_paths(train_paths)
+        key = cache_key(corpus=fingerprint(files), sentencepiece=spm.__version__, **options)
+        if sum(f.stat().st_size for f in files) > SAMPLE_ABOVE_BYTES:
+            lines = lambda: sample_lines(files, max_sentences, seed)  # noqa: E731
+        else:
+            lines = lambda: iter(TextLines(files))  # noqa: E731
+    else:
+        key = cache_key(corpus=hub.identity(), sentencepiece=spm.__version__, **options)
+        lines = lambda: itertools.islice(  # noqa: E731
+            hub.lines(hub.rows().shuffle(seed=seed, buffer_size=10_000)), max_sentences
+        )
+    folder = build_once(
+        Path(cache_dir) / "tokenizers" / key, lambda tmp: _train(lines(), tmp, **options), cached_only=cached_only
+    )
     return load_tokenizer(folder)
 
 
@@ -48,12 +70,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def _train(files: list[Path], out: Path, vocab_size: int, lowercase: bool, max_sentences: int, seed: int) -> None:
+def _train(lines: Iterator[str], out: Path, vocab_size: int, lowercase: bool, max_sentences: int, seed: int) -> None:
+    started = time.perf_counter()
     spm.set_random_generator_seed(seed)
     model = out / SPM_MODEL_FILE
     with open(model, "wb") as writer:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(TextLines(files)),
+            sentence_iterator=lines,
             model_writer=writer,
             model_type="unigram",
             vocab_size=vocab_size,
@@ -68,6 +91,7 @@ def _train(files: list[Path], out: Path, vocab_size: int, lowercase: bool, max_s
             minloglevel=2,
         )
     _to_hf(model.read_bytes()).save_pretrained(out)
+    print(f"[tcd-ds] trained a {vocab_size}-piece tokenizer in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def _to_hf(spm_model: bytes) -> PreTrainedTokenizerFast:
