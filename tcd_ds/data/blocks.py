@@ -22,7 +22,8 @@ from tcd_ds.data.text import TextLines, expand_paths, fingerprint
 STATS_FILE = "stats.json"
 BLOCKS_FILE = "blocks.arrow"
 LAYOUT = 2  # 2: one memory-mapped arrow file written while packing (1 was a `save_to_disk` folder)
-TEST_DELAY_ENV = "TCD_DS_TEST_BUILD_DELAY_S"  # tests only: seconds a block build sleeps after its first chunk
+# Tests only: seconds the first block build of a process sleeps after its first chunk (a slow or killable build).
+TEST_DELAY_ENV = "TCD_DS_TEST_BUILD_DELAY_S"
 _BLOCK_FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
 
 
@@ -119,7 +120,7 @@ def _build_blocks(
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     carry = np.empty(0, dtype=np.int32)
     num_lines = stream_length = num_blocks = num_chunks = 0
-    delay = float(os.environ.get(TEST_DELAY_ENV, "0"))
+    delay = float(os.environ.pop(TEST_DELAY_ENV, "0"))
     started = time.perf_counter()
     with ArrowWriter(features=_BLOCK_FEATURES, path=str(out / BLOCKS_FILE)) as writer:
         stream = token_stream(lines, tokenizer.backend_tokenizer.to_str(), sep_id, num_proc)

@@ -30,7 +30,8 @@ def default_num_proc(corpus_bytes: int | None) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def chunks(lines: Iterable[str], chars: int = CHUNK_CHARS) -> Iterator[list[str]]:
+def chunks(lines: Iterable[str], chars: int | None = None) -> Iterator[list[str]]:
+    chars = chars or CHUNK_CHARS
     chunk, size = [], 0
     for line in lines:
         chunk.append(line)
