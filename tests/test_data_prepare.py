@@ -15,11 +15,14 @@ import torch
 
 import tcd_ds.data.stream as stream_module
 from conftest import LAUNCH_ENV, REPO, TEACHER, launch_command
-from tcd_ds.data.blocks import BLOCKS_FILE, TEST_DELAY_ENV, build_block_dataset, pack_blocks, tokenizer_identity
+from tcd_ds.data.blocks import (
+    BLOCKS_FILE, TEST_DELAY_ENV, HubText, build_block_dataset, pack_blocks, tokenizer_identity,
+)
 from tcd_ds.data.cache import LOCK_FILE, NotCached
 from tcd_ds.data.loader import MLMBatches, PrefetchingBatches, masked_batch, seeded_generator
 from tcd_ds.data.mlm import mask_tokens
 from tcd_ds.data.prepare import prepare_data
+from tcd_ds.data.text import sample_lines
 from tcd_ds.data.tokenizer import build_tokenizer
 from tcd_ds.spec import load_spec
 
@@ -144,3 +147,37 @@ def test_a_data_build_longer_than_the_collective_timeout_does_not_kill_a_2_rank_
     assert proc.returncode == 0, log[-4000:]
     assert log.count("[tcd-ds] tokenized") == 2 and "to finish building the data cache" in log
     assert "[tcd-ds] finished" in log
+
+
+def test_a_hub_style_dataset_is_streamed_to_the_blocks_of_its_lines_and_maps_without_its_source(tokenizer, tmp_path):
+    """A local `datasets` folder stands in for the hub (no network in tests): documents of several lines."""
+    lines = [line for line in WIKI_VALIDATION.read_text().splitlines() if line.strip()][:120]
+    documents = ["\n".join(lines[i : i + 7]) + "\n\n" for i in range(0, len(lines), 7)]
+    source = tmp_path / "hub_dataset"
+    source.mkdir()
+    datasets.Dataset.from_dict({"body": documents}).to_parquet(str(source / "train.parquet"))
+    text = _head(tmp_path / "same.txt", 0)
+    text.write_text("\n".join(lines) + "\n")
+    hub = HubText(name=str(source), config=None, split="train", text_column="body")
+
+    streamed, stats = build_block_dataset([], tokenizer, 32, str(tmp_path / "cache"), hub=hub)
+    from_file, file_stats = build_block_dataset([str(text)], tokenizer, 32, str(tmp_path / "cache"))
+    assert streamed["input_ids"][:] == from_file["input_ids"][:]
+    assert {**stats, "skipped_lines": 0} == {**file_stats, "skipped_lines": 0}
+    trained = build_tokenizer([], 300, str(tmp_path / "cache"), max_sentences=101, hub=hub)  # 101 shuffled lines
+    assert len(trained) == 300
+
+    source.rename(tmp_path / "gone")  # as on a compute node without the hub: the recorded revision is used
+    again, _ = build_block_dataset([], tokenizer, 32, str(tmp_path / "cache"), hub=hub, cached_only=True)
+    assert again["input_ids"][:] == from_file["input_ids"][:]
+
+
+def test_sampled_tokenizer_lines_are_whole_corpus_lines_bounded_and_seeded(tmp_path):
+    corpus = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for k, path in enumerate(corpus):
+        path.write_text("".join(f"file {k} line {i} " + "x" * (i % 50) + "\n" for i in range(3000)))
+    everything = {line.strip() for path in corpus for line in path.read_text().splitlines()}
+    sample = list(sample_lines(corpus, 500, seed=1, window=50))
+    assert len(sample) <= 500 and set(sample) <= everything and len(set(sample)) == len(sample)
+    assert {line.split()[1] for line in sample} == {"0", "1"}  # from both files
+    assert sample == list(sample_lines(corpus, 500, seed=1, window=50)) != list(sample_lines(corpus, 500, 2, 50))

@@ -109,7 +109,7 @@ def prepare_child(config: dict) -> dict:
         cpu1 = os.times()
         shutil.rmtree(out, ignore_errors=True)
     cpu = sum(cpu1[:4]) - sum(cpu0[:4])  # user + system, this process and its finished workers
-    maxrss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    maxrss = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return {"seconds": seconds, "tokens": stats["tokens"], "blocks": stats["blocks"], "tokens_per_s":
             stats["tokens"] / seconds, "peak_pss_mib": peak[0] / 2**20, "cpu_s": cpu, "cores_busy": cpu / seconds,
             "ru_maxrss_mib": [m / 1024 for m in maxrss]}

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", help="run spec YAML")
     parser.add_argument("--num-proc", type=int, default=None,
-                        help=f"tokenizing processes (default: the cores this process may use, {default_num_proc(None)})")
+                        help=f"tokenizing processes (default: the usable cores, {default_num_proc(None)})")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.num_proc is not None and args.num_proc < 1:
         parser.error("--num-proc must be at least 1")

@@ -36,9 +36,27 @@ class HubText:
     split: str
     text_column: str = "text"
 
-    def identity(self) -> dict:
-        """What the dataset's content is keyed by: the builder's hash (the hub revision; local files' contents)."""
-        return {"hub": asdict(self), "hash": datasets.load_dataset_builder(self.name, self.config).hash}
+    def identity(self, cache_dir: str) -> dict:
+        """What the dataset's content is keyed by: the builder's hash (the hub revision; local files' contents).
+
+        Recorded under `cache_dir/hub/` when resolved, and read back where it cannot be (a compute node without
+        the network, mapping a cache that `tools/prepare_data.py` built where the hub was reachable)."""
+        record = Path(cache_dir) / "hub" / f"{cache_key(**asdict(self))}.json"
+        try:
+            builder_hash = datasets.load_dataset_builder(self.name, self.config).hash
+        except Exception as e:  # offline, or unreachable: the errors vary with the datasets version
+            if not record.is_file():
+                raise RuntimeError(
+                    f"cannot resolve the hub dataset {self.name} ({type(e).__name__}: {e}) and no data cache under "
+                    f"{cache_dir} names it: run tools/prepare_data.py where the hub is reachable"
+                ) from e
+            builder_hash = json.loads(record.read_text())["hash"]
+        else:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"hub": asdict(self), "hash": builder_hash}))
+            os.replace(tmp, record)
+        return {"hub": asdict(self), "hash": builder_hash}
 
     def rows(self) -> datasets.IterableDataset:
         return datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
@@ -74,7 +92,7 @@ def build_block_dataset(
         source: dict = {"files": fingerprint(files)}
         corpus_bytes = sum(f.stat().st_size for f in files)
     else:
-        source, corpus_bytes = hub.identity(), None
+        source, corpus_bytes = hub.identity(cache_dir), None
     key = cache_key(source=source, tokenizer=tokenizer_identity(tokenizer), seq_len=seq_len, layout=LAYOUT)
 
     def build(out: Path) -> None:
@@ -151,6 +169,7 @@ def _build_blocks(
     if num_blocks == 0:
         raise ValueError(f"corpus too small: {tokens} tokens make no block of {seq_len}")
     seconds = time.perf_counter() - started
+    procs = num_proc if num_chunks > 1 else 1
     print(f"[tcd-ds] tokenized {num_lines} lines, {tokens / 1e6:.2f}M tokens into {num_blocks} blocks of {seq_len}"
-          f" in {seconds:.1f} s ({tokens / seconds / 1e6:.2f}M tokens/s, {num_proc if num_chunks > 1 else 1} process(es))", flush=True)
+          f" in {seconds:.1f} s ({tokens / seconds / 1e6:.2f}M tokens/s, {procs} process(es))", flush=True)
     return {"lines": num_lines, "tokens": tokens, "blocks": num_blocks}

@@ -134,8 +134,9 @@ def masked_batch(
     regular = regular_ids(len(tokenizer), special)
     draws = [torch.empty(input_ids.shape), torch.empty(input_ids.shape), torch.empty(input_ids.shape, dtype=torch.long)]
     for row, n in enumerate(samples):
-        for whole, drawn in zip(draws, mask_draws(input_ids.shape[1:], seeded_generator(seed, stream, n), len(regular))):
-            whole[row] = drawn
+        drawn = mask_draws(input_ids.shape[1:], seeded_generator(seed, stream, n), len(regular))
+        for whole, part in zip(draws, drawn):
+            whole[row] = part
     corrupted, labels = apply_mask(input_ids, special, regular, *draws, tokenizer.mask_token_id, mask_prob)
     return {
         "input_ids": corrupted,

@@ -55,7 +55,7 @@ def build_tokenizer(
         else:
             lines = lambda: iter(TextLines(files))  # noqa: E731
     else:
-        key = cache_key(corpus=hub.identity(), sentencepiece=spm.__version__, **options)
+        key = cache_key(corpus=hub.identity(cache_dir), sentencepiece=spm.__version__, **options)
         lines = lambda: itertools.islice(  # noqa: E731
             hub.lines(hub.rows().shuffle(seed=seed, buffer_size=10_000)), max_sentences
         )
