@@ -45,7 +45,8 @@ def chunks(lines: Iterable[str], chars: int | None = None) -> Iterator[list[str]
 
 def encode_chunk(tokenizer: Tokenizer, sep_id: int, lines: list[str]) -> np.ndarray:
     """The stream of `lines`: each line's ids without special tokens, then `sep_id`, as one int32 array."""
-    ids = [e.ids for e in tokenizer.encode_batch(lines, add_special_tokens=False)]
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # the same ids, no offsets: ~20% less
+    ids = [e.ids for e in encode(lines, add_special_tokens=False)]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     out = np.empty(int(lengths.sum()) + len(ids), dtype=np.int32)
     is_sep = np.zeros(len(out), dtype=bool)
