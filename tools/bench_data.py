@@ -108,10 +108,12 @@ def prepare_child(config: dict) -> dict:
         sampler.join()
         cpu1 = os.times()
         shutil.rmtree(out, ignore_errors=True)
-    cpu = sum(cpu1[:4]) - sum(cpu0[:4])  # user + system, this process and its finished workers
+    main_cpu, workers_cpu = sum(cpu1[:2]) - sum(cpu0[:2]), sum(cpu1[2:4]) - sum(cpu0[2:4])  # user + system
+    cpu = main_cpu + workers_cpu
     maxrss = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return {"seconds": seconds, "tokens": stats["tokens"], "blocks": stats["blocks"], "tokens_per_s":
-            stats["tokens"] / seconds, "peak_pss_mib": peak[0] / 2**20, "cpu_s": cpu, "cores_busy": cpu / seconds,
+            stats["tokens"] / seconds, "peak_pss_mib": peak[0] / 2**20, "cpu_s": cpu, "main_cpu_s": main_cpu,
+            "workers_cpu_s": workers_cpu, "cores_busy": cpu / seconds,
             "ru_maxrss_mib": [m / 1024 for m in maxrss]}
 
 
@@ -205,11 +207,14 @@ def bench_batches(args, work: Path) -> dict:
 
 def markdown(prep: dict, batches: dict, conditions: str) -> str:
     lines = ["## Data preparation and batches (tools/bench_data.py)", "", conditions, "",
-             "| preparation run | corpus MB | tokens | wall s | tokens/s | cores busy | peak memory (PSS) MiB |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| preparation run | corpus MB | tokens | wall s | tokens/s | CPU s (main + workers) | tokens per CPU s | "
+             "cores busy | peak memory (PSS) MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in prep.items():
+        split = f" ({r['main_cpu_s']:.1f} + {r['workers_cpu_s']:.1f})" if "main_cpu_s" in r else ""
         lines.append(f"| {name} | {r['corpus_mb']:.0f} | {r['tokens'] / 1e6:.1f}M | {r['seconds']:.1f} | "
-                     f"{r['tokens_per_s'] / 1e6:.2f}M | {r['cores_busy']:.2f} | {r['peak_pss_mib']:.0f} |")
+                     f"{r['tokens_per_s'] / 1e6:.2f}M | {r['cpu_s']:.1f}{split} | "
+                     f"{r['tokens'] / r['cpu_s'] / 1e6:.2f}M | "
+                     f"{r['cores_busy']:.2f} | {r['peak_pss_mib']:.0f} |")
     lines += ["", "| batches (micro-batch) | build ms (on the thread) | exposed: batch ms / step ms (fraction) | "
               "prefetched: wait ms / step ms (fraction) |", "| --- | --- | --- | --- |"]
     for name, r in batches.items():
