@@ -8,12 +8,13 @@ times larger micro-batch would.
 """
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tcd_ds.data.mlm import mask_tokens
+from tcd_ds.data.mlm import apply_mask, mask_draws, regular_ids
 from tcd_ds.data.text import CorpusError
 from tcd_ds.spec import grad_accum_steps
 
@@ -121,21 +122,66 @@ def masked_batch(
     seed: int,
     stream: str,
 ) -> Batch:
-    """Blocks as an MLM batch; sample n is masked with its own generator, so batching never changes it."""
+    """Blocks as an MLM batch; sample n is masked with its own generator, so batching never changes it.
+
+    Only the draws are per sample (one seeded generator each: what makes a sample's masking independent of
+    its batch); the masking itself runs once over the whole batch, on the same draws."""
     input_ids = dataset[blocks]["input_ids"].long()
-    corrupted, labels = zip(*(
-        mask_tokens(
-            ids,
-            special_ids=tokenizer.all_special_ids,
-            vocab_size=len(tokenizer),
-            mask_id=tokenizer.mask_token_id,
-            mask_prob=mask_prob,
-            generator=seeded_generator(seed, stream, n),
-        )
-        for ids, n in zip(input_ids, samples)
-    ))
+    special = torch.as_tensor(tokenizer.all_special_ids, dtype=torch.long)
+    regular = regular_ids(len(tokenizer), special)
+    draws = [torch.empty(input_ids.shape), torch.empty(input_ids.shape), torch.empty(input_ids.shape, dtype=torch.long)]
+    for row, n in enumerate(samples):
+        drawn = mask_draws(input_ids.shape[1:], seeded_generator(seed, stream, n), len(regular))
+        for whole, part in zip(draws, drawn):
+            whole[row] = part
+    corrupted, labels = apply_mask(input_ids, special, regular, *draws, tokenizer.mask_token_id, mask_prob)
     return {
-        "input_ids": torch.stack(corrupted),
+        "input_ids": corrupted,
         "attention_mask": (input_ids != tokenizer.pad_token_id).long(),
-        "labels": torch.stack(labels),
+        "labels": labels,
     }
+
+
+class PrefetchingBatches:
+    """`MLMBatches` whose next step is built on a background thread while the current step trains.
+
+    `micro_batches(step)` returns what `batches.micro_batches(step)` would (the same pure function of the
+    step), then starts building step + 1. On CUDA the tensors are pinned, so that the step's
+    `.to(device, non_blocking=True)` copies run asynchronously. A call for another step than the one prefetched
+    (or after `first_sample` moved) is built on the spot.
+    """
+
+    def __init__(self, batches: MLMBatches, pin_memory: bool = False):
+        self.batches = batches
+        self.pin_memory = pin_memory
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tcd-ds-batches")
+        self._next: tuple[tuple[int, int], Future] | None = None
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] == (step, self.batches.first_sample):
+            result = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].result()  # never two builds at once: MLMBatches caches its epoch permutations
+            result = self._build(step)
+        key = (step + 1, self.batches.first_sample)
+        self._next = (key, self._executor.submit(self._build, step + 1))
+        return result
+
+    def _build(self, step: int) -> list[Batch]:
+        micro = self.batches.micro_batches(step)
+        if self.pin_memory:
+            micro = [{k: v.pin_memory() for k, v in batch.items()} for batch in micro]
+        return micro
+
+    @property
+    def first_sample(self) -> int:
+        return self.batches.first_sample
+
+    @first_sample.setter
+    def first_sample(self, value: int) -> None:
+        self.batches.first_sample = value
+
+    def __getattr__(self, name: str):
+        return getattr(self.batches, name)

@@ -1,6 +1,10 @@
 """Plain-text corpora on disk: which files, their lines, and a content fingerprint for caches."""
 
+import bisect
+import functools
 import hashlib
+import itertools
+import random
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,11 +38,13 @@ class TextLines:
         self.files = files
         self.lines = 0
         self.skipped = 0
+        self.bytes_read = 0
 
     def __iter__(self) -> Iterator[str]:
         for file in self.files:
             with open(file, "rb") as f:
                 for raw in f:
+                    self.bytes_read += len(raw)
                     try:
                         line = raw.decode("utf-8").strip()
                     except UnicodeDecodeError:
@@ -81,7 +87,15 @@ def check_corpus(field: str, paths: list[str | Path]) -> None:
 
 
 def fingerprint(files: list[Path]) -> str:
-    """sha256 over names relative to the files' common folder and contents: a moved corpus keeps its caches."""
+    """sha256 over names relative to the files' common folder and contents: a moved corpus keeps its caches.
+
+    Remembered per process by (path, size, mtime): a launch looks the corpus up more than once."""
+    stat = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _fingerprint(tuple(files), stat)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(files: tuple[Path, ...], stat: tuple) -> str:
     root = os.path.commonpath([str(f.resolve().parent) for f in files])
     digest = hashlib.sha256()
     for file in files:
@@ -91,3 +105,37 @@ def fingerprint(files: list[Path]) -> str:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def sample_lines(files: list[Path], max_lines: int, seed: int, window: int = 1000) -> Iterator[str]:
+    """About `max_lines` stripped non-empty lines, in runs of `window` consecutive lines read from seeded random
+    byte offsets of the corpus: time and memory bounded by `max_lines`, not by the corpus, and the same lines
+    for the same files and seed. (A run starts at the line after its offset; runs never overlap.)"""
+    sizes = [f.stat().st_size for f in files]
+    starts = [0, *itertools.accumulate(sizes)]
+    rng = random.Random(seed)
+    offsets = sorted(rng.randrange(starts[-1]) for _ in range(-(-max_lines // window)))
+    done = -1  # the corpus offset up to which lines have been read
+    for offset in offsets:
+        continued = offset <= done
+        offset = max(offset, done)
+        k = bisect.bisect_right(starts, offset) - 1
+        if k >= len(files):
+            continue
+        with open(files[k], "rb") as f:
+            f.seek(offset - starts[k])
+            if offset > starts[k] and not continued:
+                f.readline()  # the rest of a line entered in the middle
+            taken = 0
+            while taken < window:
+                raw = f.readline()
+                if not raw:
+                    break
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    continue
+                if line:
+                    taken += 1
+                    yield line
+            done = starts[k] + f.tell()

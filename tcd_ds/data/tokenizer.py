@@ -7,6 +7,8 @@ loads with `transformers.AutoTokenizer` anywhere, with no project code and no se
 import contextlib
 import itertools
 import re
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
@@ -15,8 +17,9 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers.models import Unigram
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from tcd_ds.data.blocks import HubText
 from tcd_ds.data.cache import build_once, cache_key
-from tcd_ds.data.text import CorpusError, TextLines, corpus_name, expand_paths, fingerprint, no_text
+from tcd_ds.data.text import CorpusError, TextLines, corpus_name, expand_paths, fingerprint, no_text, sample_lines
 
 SPECIAL_TOKENS = {
     "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"
@@ -26,6 +29,7 @@ PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
 SPM_MODEL_FILE = "spm.model"
 # Files a saved tokenizer is made from (transformers' names); a folder with none of them holds no tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+SAMPLE_ABOVE_BYTES = 1 << 30  # reading every line of a bigger corpus into SentencePiece would take minutes
 
 
 def build_tokenizer(
@@ -35,16 +39,35 @@ def build_tokenizer(
     lowercase: bool = False,
     max_sentences: int = 2_000_000,
     seed: int = 0,
+    hub: HubText | None = None,
+    cached_only: bool = False,
 ) -> PreTrainedTokenizerBase:
-    """Train (or reuse from `cache_dir/tokenizers/<hash>`) a unigram tokenizer on the text files.
+    """Train (or reuse from `cache_dir/tokenizers/<hash>`) a unigram tokenizer on the text files, or on `hub`.
 
-    The hash covers the corpus content and every training option, so any change retrains. Corpora with more
-    than `max_sentences` lines are sampled (with `seed`) to bound SentencePiece's memory.
+    The hash covers the corpus content and every training option, so any change retrains. SentencePiece keeps
+    at most `max_sentences` lines (sampled with `seed`); a corpus over SAMPLE_ABOVE_BYTES, or a hub dataset, is
+    sampled before it reaches SentencePiece, so that training time is bounded too: runs of lines from seeded
+    random offsets of the files, or the first lines of the hub stream shuffled with `seed`.
+    `cached_only`: raise `NotCached` rather than train.
     """
-    files = expand_paths(train_paths)
     options = dict(vocab_size=vocab_size, lowercase=lowercase, max_sentences=max_sentences, seed=seed)
-    key = cache_key(corpus=fingerprint(files), sentencepiece=spm.__version__, **options)
-    folder = build_once(Path(cache_dir) / "tokenizers" / key, lambda tmp: _train(files, tmp, **options))
+    if hub is None:
+        files = expand_paths(train_paths)
+        key = cache_key(corpus=fingerprint(files), sentencepiece=spm.__version__, **options)
+        corpus = corpus_name(files)
+        if sum(f.stat().st_size for f in files) > SAMPLE_ABOVE_BYTES:
+            lines = lambda: sample_lines(files, max_sentences, seed)  # noqa: E731
+        else:
+            lines = lambda: TextLines(files)  # noqa: E731
+    else:
+        corpus = f"hub dataset {hub.name}"
+        key = cache_key(corpus=hub.identity(cache_dir), sentencepiece=spm.__version__, **options)
+        lines = lambda: itertools.islice(  # noqa: E731
+            hub.lines(hub.rows().shuffle(seed=seed, buffer_size=10_000)), max_sentences
+        )
+    folder = build_once(
+        Path(cache_dir) / "tokenizers" / key, lambda tmp: _train(lines(), corpus, tmp, **options), cached_only=cached_only
+    )
     return load_tokenizer(folder)
 
 
@@ -57,17 +80,19 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def _train(files: list[Path], out: Path, vocab_size: int, lowercase: bool, max_sentences: int, seed: int) -> None:
-    lines = TextLines(files)
-    stream = iter(lines)
-    first = next(stream, None)
+def _train(text: Iterable[str], corpus: str, out: Path, vocab_size: int, lowercase: bool, max_sentences: int,
+           seed: int) -> None:
+    """`corpus`: the text's name in messages."""
+    started = time.perf_counter()
+    lines = iter(text)
+    first = next(lines, None)
     if first is None:  # SentencePiece would fail on it with `!sentences_.empty()`
-        raise no_text(lines)
+        raise no_text(text) if isinstance(text, TextLines) else CorpusError(f"{corpus}: no text to train on")
     spm.set_random_generator_seed(seed)
     model = out / SPM_MODEL_FILE
-    with open(model, "wb") as writer, _too_little_text(files, vocab_size):
+    with open(model, "wb") as writer, _too_little_text(corpus, vocab_size):
         spm.SentencePieceTrainer.train(
-            sentence_iterator=itertools.chain([first], stream),
+            sentence_iterator=itertools.chain([first], lines),
             model_writer=writer,
             model_type="unigram",
             vocab_size=vocab_size,
@@ -82,10 +107,11 @@ def _train(files: list[Path], out: Path, vocab_size: int, lowercase: bool, max_s
             minloglevel=2,
         )
     _to_hf(model.read_bytes()).save_pretrained(out)
+    print(f"[tcd-ds] trained a {vocab_size}-piece tokenizer in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 @contextlib.contextmanager
-def _too_little_text(files: list[Path], vocab_size: int):
+def _too_little_text(corpus: str, vocab_size: int):
     """SentencePiece's refusal of a corpus with fewer distinct pieces than the vocabulary, as a CorpusError."""
     try:
         yield
@@ -94,7 +120,7 @@ def _too_little_text(files: list[Path], vocab_size: int):
         if most is None:
             raise
         raise CorpusError(
-            f"{corpus_name(files)}: too little text for a vocabulary of {vocab_size} pieces "
+            f"{corpus}: too little text for a vocabulary of {vocab_size} pieces "
             f"(data.tokenizer.vocab_size); it has at most {most.group(1)}"
         ) from None
 

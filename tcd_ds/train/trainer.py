@@ -14,10 +14,8 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from tcd_ds.data.blocks import HubText, build_block_dataset
-from tcd_ds.data.loader import MLMBatches, validation_batches
-from tcd_ds.data.text import CorpusError
-from tcd_ds.data.tokenizer import build_tokenizer, load_tokenizer
+from tcd_ds.data.loader import MLMBatches, PrefetchingBatches, validation_batches
+from tcd_ds.data.prepare import prepare_data
 from tcd_ds.distill.tcd import TCD
 from tcd_ds.models.build import build_model
 from tcd_ds.models.param_groups import moe_param_groups
@@ -40,46 +38,20 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
 
 
-def local_rank_zero_first(build):
-    """Build a cached artifact on each node's first rank, then let the others hit the cache. A corpus that
-    cannot be built from fails on every rank with the builder's message (not with a traceback from a barrier
-    whose peer has left)."""
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    problem = None
-    if first:
-        try:
-            result = build()
-        except CorpusError as e:
-            problem = str(e)
-    problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)  # also the barrier
-    if any(problems):
-        raise CorpusError(next(p for p in problems if p))
-    if not first:
-        result = build()
-    return result
-
-
 def build_data(spec: RunSpec, rank: int, world_size: int):
-    d = spec.data
-    if d.tokenizer.path:
-        tokenizer = load_tokenizer(d.tokenizer.path)
-    else:
-        tokenizer = local_rank_zero_first(lambda: build_tokenizer(d.train, d.tokenizer.vocab_size, d.cache_dir))
-    hub = HubText(**d.hub.model_dump()) if d.hub else None
-    train_set, train_stats = local_rank_zero_first(
-        lambda: build_block_dataset(d.train, tokenizer, d.seq_len, d.cache_dir, hub=hub)
-    )
-    val_set, _ = local_rank_zero_first(lambda: build_block_dataset(d.validation, tokenizer, d.seq_len, d.cache_dir))
-    train_batches = MLMBatches(
-        train_set, tokenizer, spec.train.global_batch_size, spec.train.micro_batch_size,
-        rank, world_size, spec.seed, d.mask_prob,
+    data = prepare_data(spec.data)  # a cache hit: Trainer built it before the process group existed
+    train_batches = PrefetchingBatches(
+        MLMBatches(
+            data.train, data.tokenizer, spec.train.global_batch_size, spec.train.micro_batch_size,
+            rank, world_size, spec.seed, spec.data.mask_prob,
+        ),
+        pin_memory=get_accelerator().device_name() == "cuda",
     )
     val_batches = validation_batches(
-        val_set, tokenizer, spec.train.micro_batch_size, spec.train.eval_batches, rank, world_size, spec.seed,
-        d.mask_prob,
+        data.validation, data.tokenizer, spec.train.micro_batch_size, spec.train.eval_batches, rank, world_size,
+        spec.seed, spec.data.mask_prob,
     )
-    return tokenizer, train_batches, val_batches, train_stats
+    return data.tokenizer, train_batches, val_batches, data.train_stats
 
 
 def expert_load(model) -> dict[str, list[float]]:
@@ -118,6 +90,7 @@ class Trainer:
     """A run's components, built from the spec in data-flow order; `fit()` runs the loop."""
 
     def __init__(self, spec: RunSpec):
+        prepare_data(spec.data)  # before any collective: tokenizing a corpus may outlast the collectives' timeout
         accelerator = get_accelerator()
         deepspeed.init_distributed(
             dist_backend=accelerator.communication_backend_name(),
