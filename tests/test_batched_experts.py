@@ -10,11 +10,11 @@ import pytest
 import torch
 from deepspeed.moe.experts import Experts
 
-from tcd_ds.hf.modeling_moe_bert import ExpertFFN, MoEBertConfig
-from tcd_ds.hf import modeling_moe_bert as plain_module
-from tcd_ds.hf.modeling_moe_bert import MoEFeedForward as PlainMoE
+from tcd_ds.models import modeling_moe_bert as plain_module
 from tcd_ds.models.batched_experts import BatchedExperts
-from tcd_ds.models.moe_bert import MoEFeedForward
+from tcd_ds.models.deepspeed_moe import DeepSpeedMoEFeedForward as MoEFeedForward
+from tcd_ds.models.modeling_moe_bert import ExpertFFN, MoEBertConfig
+from tcd_ds.models.modeling_moe_bert import MoEFeedForward as PlainMoE
 
 H, I = 8, 16
 

@@ -16,9 +16,10 @@ import torch.multiprocessing as mp
 from deepspeed.utils import groups
 
 from conftest import STUDENT_MOE, final_weights, free_port
-from tcd_ds.hf import MoEBertForMaskedLM
 from tcd_ds.hf.convert import convert
-from tcd_ds.models import build_student, moe_param_groups
+from tcd_ds.models.build import build_model
+from tcd_ds.models.modeling_moe_bert import MoEBertForMaskedLM
+from tcd_ds.models.param_groups import moe_param_groups
 from test_models_dist import E, V, init_rank, rank_batch, spawn, spec
 
 WORLD = 4
@@ -54,7 +55,8 @@ def full_state(model, ep_size: int) -> dict[str, torch.Tensor]:
 
 def engine_for(ep_size: int, rank: int, lr: float):
     torch.manual_seed(0)
-    model = build_student(spec(ep_size=ep_size, drop_tokens=False), V, pad_token_id=0)
+    model = build_model(spec(ep_size=ep_size, drop_tokens=False), V, pad_token_id=0)
+    model.config.balance_weight = 0.0  # the MLM loss only: the balance loss of a batch is not the mean of its parts
     torch.manual_seed(1 + rank)  # distinct experts per rank: the engine must broadcast each from one replica
     for block in model.moe_blocks().values():
         for p in block.deepspeed_moe.experts.parameters():
@@ -78,7 +80,8 @@ def gradients_worker(rank: int, world_size: int, port: int) -> None:
 
         # One process, every expert, the concatenated batch (every rank's tokens are labelled, 12 each, so its
         # mean loss is the mean of the ranks' losses that data parallelism averages).
-        reference = build_student(spec(ep_size=1, drop_tokens=False), V, pad_token_id=0)
+        reference = build_model(spec(ep_size=1, drop_tokens=False), V, pad_token_id=0)
+        reference.config.balance_weight = 0.0
         missing, unexpected = reference.load_state_dict(before, strict=False)
         assert not unexpected and set(missing) == TIED, (missing, unexpected)
         batches = [rank_batch(r) for r in range(world_size)]
