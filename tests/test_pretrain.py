@@ -74,6 +74,11 @@ def test_tcd_student_trains_with_falling_relation_losses(tcd_run):
         for layer in (0, 1):
             load = r[f"moe/load/layer_{layer}"]
             assert len(load) == 4 and sum(load) == pytest.approx(1.0)
+            # Routing telemetry, pooled over ranks and the log window: consistent with the load, and the entropy of
+            # the mean routing distribution is at least the mean entropy (concavity).
+            assert r[f"moe/idle_experts/layer_{layer}"] == load.count(0.0)
+            assert 0 <= r[f"moe/dropped/layer_{layer}"] < 1
+            assert 0 < r[f"moe/entropy/layer_{layer}"] <= r[f"moe/mean_entropy/layer_{layer}"] + 1e-6
     for name in ("loss/trunk", "loss/residual_inner"):
         assert records[-1][name] < records[0][name] / 2, name
     assert records[-1]["loss/mlm"] < records[0]["loss/mlm"]

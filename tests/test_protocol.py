@@ -77,7 +77,7 @@ def test_protocol_writes_one_row_per_model_with_finite_numbers(protocol, teacher
 
 def test_protocol_writes_the_plots(protocol):
     out, _, _ = protocol
-    for name in ("pretraining", "relation_losses", "expert_load", "downstream"):
+    for name in ("pretraining", "relation_losses", "expert_load", "routing", "downstream"):
         data = (out / "plots" / f"{name}.png").read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000, name
 

@@ -21,8 +21,10 @@ broadcasts the shared weights from rank 0 and each expert from its expert-data-p
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import _capacity
 from torch import Tensor
 
 from tcd_ds.models.batched_experts import BatchedExperts
@@ -36,6 +38,7 @@ class DeepSpeedMoEFeedForward(MoE):
     top-1 choice is each expert, before capacity drops, this rank's tokens only). `token_mask` ([B*T], 1 for
     real tokens) is set by the model's `forward` (so call the model, not `model.bert`): padding then
     neither takes expert capacity nor counts in the load statistics, and its MoE output is zero.
+    Training forwards also add to `routing_window` (device counters, read and reset by tcd_ds.train.routing).
     """
 
     def __init__(self, config: MoEBertConfig):
@@ -59,23 +62,57 @@ class DeepSpeedMoEFeedForward(MoE):
         self.token_mask: Tensor | None = None
         self.balance_loss: Tensor | None = None
         self.expert_counts: Tensor | None = None
+        self.routing_window: dict[str, Tensor] | None = None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         output, l_aux, counts = super().forward(hidden_states, self.token_mask)
         self.expert_counts = counts
-        self.balance_loss = l_aux if self.balance_kind == "switch" else self._kl_to_uniform(hidden_states)
+        probs = self._router_probs(hidden_states) if self.balance_kind == "kl_uniform" else None
+        self.balance_loss = l_aux if probs is None else kl_uniform_balance_loss(probs, self.token_mask)
+        if self.training:
+            if probs is None:
+                with torch.no_grad():
+                    probs = self._router_probs(hidden_states)
+            self._count_routing(probs.detach(), counts)
         return output
 
-    def _kl_to_uniform(self, hidden_states: Tensor) -> Tensor:
-        """KL(mean routing probs || uniform) = sum_e p_e log(E p_e), over real tokens.
-
-        DeepSpeed's gate does not return its probabilities, so they are recomputed as it computes them: softmax
-        of fp32 logits, x @ wg.T, no bias. Under the `Jitter` policy DeepSpeed routes on jittered inputs; these
-        probabilities are of the clean input.
-        """
+    def _router_probs(self, hidden_states: Tensor) -> Tensor:
+        """The gate's routing probabilities [B*T, E], which DeepSpeed's gate does not return, recomputed as it
+        computes them: softmax of fp32 logits, x @ wg.T, no bias. Under the `Jitter` policy DeepSpeed routes on
+        jittered inputs; these probabilities are of the clean input."""
         x = hidden_states.reshape(-1, hidden_states.shape[-1]).float()
-        probs = F.linear(x, self.deepspeed_moe.gate.wg.weight.float()).softmax(dim=-1)
-        return kl_uniform_balance_loss(probs, self.token_mask)
+        return F.linear(x, self.deepspeed_moe.gate.wg.weight.float()).softmax(dim=-1)
+
+    def _count_routing(self, probs: Tensor, counts: Tensor) -> None:
+        """Adds this forward's routing to `routing_window`, on device (no host sync): `routed` [E] (= the
+        expert counts), `dropped` (tokens over their expert's capacity), `entropy` (sum over real tokens of the
+        routing distribution's entropy, nats), `probs` [E] (sum over real tokens of the probabilities). The
+        capacity is DeepSpeed's (`_capacity` over all B*T tokens, padding included, as top1gating computes it);
+        top1gating keeps min(count, capacity) tokens per expert, and drops none without `drop_tokens`."""
+        gate = self.deepspeed_moe.gate
+        real = probs.new_ones(probs.shape[0]) if self.token_mask is None else self.token_mask.to(probs.dtype)
+        if gate.drop_tokens:
+            capacity = int(_capacity(probs, torch.tensor(gate.capacity_factor), torch.tensor(gate.min_capacity)))
+            dropped = (counts - capacity).clamp(min=0).sum()
+        else:
+            dropped = counts.new_zeros(())
+        forward = {"routed": counts, "dropped": dropped, "entropy": real @ torch.special.entr(probs).sum(-1),
+                   "probs": real @ probs}
+        if self.routing_window is None:
+            self.routing_window = {k: v.detach().double() for k, v in forward.items()}
+        else:
+            for k, v in forward.items():
+                self.routing_window[k] += v
+
+    def take_routing_window(self) -> dict[str, Tensor]:
+        """The counters of the training forwards since the last call (zeros if none), and a fresh window."""
+        window = self.routing_window
+        self.routing_window = None
+        if window is None:
+            zeros, experts = self.deepspeed_moe.gate.wg.weight.new_zeros, self.num_experts
+            shapes = {"routed": experts, "dropped": (), "entropy": (), "probs": experts}
+            window = {k: zeros(shape, dtype=torch.float64) for k, shape in shapes.items()}
+        return window
 
 
 class DeepSpeedMoEBertForMaskedLM(MoEBertForMaskedLM):

@@ -1,4 +1,5 @@
-"""The protocol's PNG plots: pre-training curves, relation losses, expert load per MoE layer, downstream scores."""
+"""The protocol's PNG plots: pre-training curves, relation losses, expert load per MoE layer, routing telemetry over
+pre-training, downstream scores."""
 
 from __future__ import annotations
 
@@ -65,6 +66,38 @@ def expert_load(records: Records, path: Path) -> None:
     save(fig, path)
 
 
+ROUTING_PANELS = {  # metrics.jsonl key prefix -> panel title (tcd_ds/train/routing.py defines them)
+    "moe/dropped/": "tokens dropped at capacity (fraction)",
+    "moe/idle_experts/": "experts with no token in the log window",
+    "moe/max_load/": "largest expert load (fraction of tokens)",
+    "moe/entropy/": "router entropy / log E (solid: per token, dashed: mean probabilities)",
+}
+
+
+def routing(records: Records, path: Path) -> None:
+    """Each MoE model's routing telemetry over pre-training, one line per MoE layer. A collapse that the balance
+    loss lets through shows as idle experts and drops while the entropies stay near 1."""
+    fig, axes = plt.subplots(1, len(ROUTING_PANELS), figsize=(5 * len(ROUTING_PANELS), 4), squeeze=False)
+    drawn = False
+    for ax, (prefix, title) in zip(axes[0], ROUTING_PANELS.items()):
+        for m, (name, rs) in enumerate(records.items()):
+            keys = sorted({k for r in rs for k in r if k.startswith(prefix)}, key=lambda k: int(k.rsplit("_", 1)[1]))
+            for n, key in enumerate(keys):
+                layer = key.removeprefix(prefix)
+                style = {"color": f"C{m}", "alpha": 1 - 0.6 * n / max(1, len(keys))}
+                ax.plot(*series(rs, key), label=f"{name} {layer}", **style)
+                if prefix == "moe/entropy/":
+                    ax.plot(*series(rs, f"moe/mean_entropy/{layer}"), linestyle="--", **style)
+                drawn = True
+        ax.set(title=title, xlabel="step")
+        ax.title.set_fontsize(9)
+    if drawn:
+        axes[0][0].legend(fontsize=7)
+    else:
+        axes[0][0].text(0.5, 0.5, "no routing telemetry logged", ha="center", va="center")
+    save(fig, path)
+
+
 def downstream_scores(results: dict, path: Path) -> None:
     """Per task and mode: each seed's score (dots) and the mean with its standard deviation, per model."""
     columns = list(results["models"][0]["downstream"])
@@ -90,9 +123,11 @@ def save(fig, path: Path) -> None:
 
 def write_plots(records: Records, results: dict, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / f"{name}.png" for name in ("pretraining", "relation_losses", "expert_load", "downstream")]
+    names = ("pretraining", "relation_losses", "expert_load", "routing", "downstream")
+    paths = [directory / f"{name}.png" for name in names]
     pretraining_curves(records, paths[0])
     relation_losses(records, paths[1])
     expert_load(records, paths[2])
-    downstream_scores(results, paths[3])
+    routing(records, paths[3])
+    downstream_scores(results, paths[4])
     return paths

@@ -27,6 +27,7 @@ from tcd_ds.train.evaluation import Validation
 from tcd_ds.train.guard import NonFiniteGuard
 from tcd_ds.train.metrics import MetricsLog, MetricsLogger
 from tcd_ds.train.optim import build_optimizer, build_scheduler
+from tcd_ds.train.routing import routing_record
 from tcd_ds.train.step import TrainStep
 from tcd_ds.train.stop import StopRequest
 from tcd_ds.train.wandb_run import open_wandb
@@ -52,15 +53,6 @@ def build_data(spec: RunSpec, rank: int, world_size: int):
         spec.seed, spec.data.mask_prob,
     )
     return data.tokenizer, train_batches, val_batches, data.train_stats
-
-
-def expert_load(model) -> dict[str, list[float]]:
-    """Per MoE layer, the fraction of the global batch's tokens whose top-1 choice is each expert."""
-    blocks = model.moe_blocks()
-    counts = torch.stack([block.expert_counts.float() for block in blocks.values()])
-    dist.all_reduce(counts)
-    fractions = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    return {f"moe/load/layer_{i}": f.tolist() for i, f in zip(blocks, fractions)}
 
 
 def rank0_spec(spec: RunSpec, rank: int) -> RunSpec:
@@ -153,7 +145,7 @@ class Trainer:
                   "skipped_steps": self.engine.skipped_steps,
                   "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
         if self.spec.model.moe is not None:
-            record.update(expert_load(self.model))
+            record.update(routing_record(self.model))
         if self.validation.should_run(step):
             record.update(self.validation(self.engine))
         return record
