@@ -65,8 +65,8 @@ def usage(is_moe: bool) -> list[str]:
         "the encoder). As in HF's MoE models, the output's `aux_loss` is the load-balancing loss and `loss` includes",
         "it with the config's `balance_weight`, as pre-training did (set `config.balance_weight = 0` to leave it out).",
         "",
-        "Routing is DeepSpeed's top-1 gate in plain PyTorch; in eval, tokens beyond an expert's capacity are",
-        "dropped in batch order rather than at random (see the docstring of `modeling_moe_bert.py`).",
+        "Routing is DeepSpeed's top-1 gate in plain PyTorch; eval and inference drop no token (`eval_drop_tokens`",
+        "in config.json; see the docstring of `modeling_moe_bert.py`).",
     ]
 
 
