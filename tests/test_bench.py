@@ -10,12 +10,16 @@ import sys
 
 import pytest
 import torch
+from deepspeed.moe.experts import Experts
 from transformers import BertForMaskedLM
 
 from conftest import REPO
 from tcd_ds.data.mlm import masked_positions
 from tcd_ds.models.build import build_model
 from tcd_ds.spec import ModelSpec, MoESpec
+
+sys.path.insert(0, str(REPO / "tools"))
+from bench_variants import with_deepspeed_loop  # noqa: E402
 
 V, B, T = 40, 3, 12
 SHAPE = dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position=T, dropout=0.0,
@@ -73,6 +77,37 @@ def test_masked_head_on_the_moe_student_equals_its_full_head_loss():
     picked = model(input_ids=ids, attention_mask=mask, masked_positions=positions).logits
     torch.testing.assert_close(picked, full[positions])
     torch.testing.assert_close(torch.nn.functional.cross_entropy(picked, labels.reshape(-1)[positions]), by_hand)
+
+
+def test_deepspeed_loop_baseline_runs_deepspeeds_experts_on_the_same_parameters():
+    """The expert-count bench's baseline: DeepSpeed's per-expert loop in place of the batched experts, over the
+    same parameter objects, with the same outputs and gradients."""
+    torch.manual_seed(0)
+    moe = MoESpec(num_experts=4, layers="every", min_capacity=0, drop_tokens=False)
+    model = build_model(ModelSpec(**SHAPE, moe=moe), V, pad_token_id=0)
+    ids, mask, labels = mlm_batch(3)
+    params = dict(model.named_parameters())
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits.sum().backward()
+        return logits.detach(), grads(model)
+
+    batched = run()
+    called = []
+    expert = next(iter(model.moe_blocks().values())).deepspeed_moe.experts.deepspeed_experts[0]
+    expert.register_forward_hook(lambda *_: called.append(1))  # the loop calls each expert; the batched form not
+    run()
+    assert not called
+    with_deepspeed_loop(model)
+    assert all(type(b.deepspeed_moe.experts) is Experts for b in model.moe_blocks().values())
+    assert dict(model.named_parameters()) == params  # same names, same objects
+    loop = run()
+    assert called
+    torch.testing.assert_close(loop[0], batched[0], rtol=1e-6, atol=1e-6)
+    for name in batched[1]:
+        torch.testing.assert_close(loop[1][name], batched[1][name], rtol=1e-6, atol=1e-6, msg=name)
 
 
 def forward_flops_by_hand(s: dict, head_tokens: float, layers: int, moe: bool) -> float:
@@ -165,3 +200,4 @@ def test_quick_bench_markdown_states_each_target(quick_bench):
     for t in r["targets"]:
         row = next(line for line in md.splitlines() if line.startswith(f"| {t['target']} |"))
         assert ("**missed**" in row) is (not t["met"])
+

@@ -1,12 +1,13 @@
 """Benchmarks of the training steps, side by side on the same shapes in one run (issue 8).
 
-    DS_ACCELERATOR=cpu python tools/bench.py [--out runs/bench] [--ranks 2] [--rounds 8] [--quick]
+    DS_ACCELERATOR=cpu python tools/bench.py [--out runs/bench] [--ranks 2] [--rounds 8] [--quick] [--experts]
 
 Measures, on the demo shapes (ds_configs/*_demo*.yaml; --quick: the tiny test shapes, a couple of steps): our
 dense step against what a user would write (HF `BertForMaskedLM`, `torch.optim.AdamW`, DDP); the MoE step with
 MLM only against the full TCD step, with a per-phase breakdown; achieved model FLOP/s against an fp32
 matrix-product peak measured in the same processes; memory per rank; the relation losses' cost as N grows,
 local against global scope; one rank against `--ranks` ranks at a fixed per-rank batch; a profile of each step.
+`--experts` runs the expert-count comparison alone instead (issue 13: dense, 8 and 64 experts; OUT/experts.*).
 
 Each step is the real one: components are built by `Trainer` from a run spec and stepped by its
 `TrainStep`. On a machine shared with other work, timings are noisy: variants are interleaved round
@@ -38,9 +39,9 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import logger
 from transformers import BertForMaskedLM
 
-from bench_measure import (clocks, every_rank, forward_flops, matmul_peaks, memory_now, on_cpu, rounds_of,
-                           step_memory, sync_sites, top_ops)
-from bench_report import markdown, summarize
+from bench_measure import (clocks, every_rank, forward_flops, matmul_peaks, memory_now, on_cpu,
+                           parameter_memory, rounds_of, step_memory, sync_sites, top_ops)
+from bench_report import experts_markdown, markdown, summarize, summarize_experts
 from bench_variants import (REPO, VARIANT_SETS, Builds, HFBaseline, Stepper, captures_of, full_head_step,
                             mlm_loss_check, phase_breakdown, relation_bench, to_device)
 from tcd_ds.data.mlm import IGNORE_INDEX
@@ -199,6 +200,28 @@ def memory_world(rank: int, world: int, port: int, cfg: dict) -> None:
     end_world()
 
 
+def experts_world(rank: int, world: int, port: int, cfg: dict) -> None:
+    """The expert-count comparison (variant set "experts", issue 13): interleaved steps, the phases of the
+    dense and 64-expert steps, a profile of each step and each variant's parameter memory per rank. Rank 0
+    writes WORK/experts.json."""
+    init_rank(rank, world, port, cfg["threads"])
+    builds = Builds(cfg, world, rank, prefix="experts_")
+    steppers = {variant: make() for variant, make in VARIANT_SETS["experts"](builds).items()}
+    seconds = rounds_of(steppers, cfg["rounds"], cfg["steps"])
+    trainers = builds.trainers
+    breakdown = {name: phase_breakdown(trainers[name], builds.batches, cfg["rounds"]) for name in ("dense", "moe64")}
+    profiles = {name: top_ops(stepper) for name, stepper in steppers.items()}
+    memory = every_rank({name: parameter_memory(t.model, t.engine.optimizer) for name, t in trainers.items()})
+    if rank == 0:
+        out = {"world_size": world, "tokens_per_rank_per_step": builds.batches[0][0]["input_ids"].numel(),
+               "seconds": seconds, "breakdown": breakdown, "profiles": profiles, "memory": memory,
+               "ep_size": {n: t.model.config.ep_size for n, t in trainers.items() if n != "dense"},
+               "parameters": {n: sum(p.numel() for p in t.model.parameters()) for n, t in trainers.items()},
+               "load_average": os.getloadavg()}
+        (Path(cfg["work"]) / "experts.json").write_text(json.dumps(out))
+    end_world()
+
+
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # on CPU: see `memory_world`
 
 
@@ -227,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-rounds", type=int, default=2, help="interleaved (1 rank, N ranks) launch pairs")
     parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "tcd_ds"), help="tokenizer and data cache")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a couple of steps: checks it runs")
+    parser.add_argument("--experts", action="store_true",
+                        help="only the expert-count comparison (issue 13): OUT/experts.json and OUT/experts.md")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.scaling_rounds = 2, 1, 1
@@ -245,13 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         "peak_budget_s": 0.1 if args.quick else 0.5, "relation_ns": [8, 16] if args.quick else [32, 64, 128, 256, 512],
         "scaling_blocks": 2 if args.quick else 4,
     }
-    main_results, memory, scaling = run_all(args, cfg)
-    command = "DS_ACCELERATOR=cpu " * on_cpu() + "python tools/bench.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
-    results = summarize(main_results, memory, scaling, args, command.strip())
-    (out / "bench.json").write_text(json.dumps(results, indent=1))
-    report = markdown(results)
-    (out / "bench.md").write_text(report)
+    command = ("DS_ACCELERATOR=cpu " * on_cpu() + "python tools/bench.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)).strip()
+    if args.experts:
+        spawn(experts_world, args.ranks, cfg)
+        name, results = "experts", summarize_experts(json.loads((work / "experts.json").read_text()), args, command)
+        report = experts_markdown(results)
+    else:
+        name, results = "bench", summarize(*run_all(args, cfg), args, command)
+        report = markdown(results)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{name}.md").write_text(report)
     print(report)
     return 0
 

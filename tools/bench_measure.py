@@ -186,6 +186,28 @@ def step_memory(fn: Callable[[], object]) -> int:
     return peak - before
 
 
+def parameter_memory(model: torch.nn.Module, optimizer) -> dict[str, dict[str, int]]:
+    """Bytes this rank holds for its parameters, shared against expert ones: the module's weights, and from
+    DeepSpeed's ZeRO-1/2 optimizer (its public `single_partition_of_fp32_groups`, `partition_count`,
+    `is_moe_group`) the fp32 master partition, the reduced-gradient partition a rank keeps (sized as its master
+    partition) and the wrapped torch optimizer's state (Adam's moments). ZeRO partitions a shared group over the
+    data-parallel world and an expert group over its expert-data-parallel group (world / ep_size ranks): at
+    ep_size == world size expert state is not partitioned at all."""
+    from deepspeed.moe.utils import is_moe_param
+    out = {side: defaultdict(int) for side in ("shared", "expert")}
+    for p in model.parameters():
+        out["expert" if is_moe_param(p) else "shared"]["model"] += p.numel() * p.element_size()
+    for i, master in enumerate(getattr(optimizer, "single_partition_of_fp32_groups", [])):  # none without ZeRO
+        inner = optimizer.optimizer
+        side = out["expert" if optimizer.is_moe_group(inner.param_groups[i]) else "shared"]
+        side["master weights"] += master.numel() * master.element_size()
+        side["gradients"] += master.numel() * master.element_size()
+        side["optimizer state"] += sum(t.numel() * t.element_size() for t in inner.state[master].values()
+                                       if torch.is_tensor(t) and t.ndim > 0)  # not the step counter
+        side["partitioned over ranks"] = optimizer.partition_count[i]
+    return {side: dict(parts) for side, parts in out.items()}
+
+
 # ------------------------------------------------------------------------------------------- profiles
 
 

@@ -11,7 +11,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from bench_measure import clocks, on_cpu
-from bench_variants import STEPS
+from bench_variants import EXPERT_COUNTS, STEPS
 
 TARGETS = {  # name: (metric, bound, "max" if the value must stay at or below the bound else "min")
     "TCD step / MoE MLM-only step": ("tcd_over_moe", 1.40, "max"),
@@ -109,6 +109,25 @@ def table(header: list[str], rows: list[list]) -> list[str]:
         "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def phase_tables(breakdown: dict[str, dict], cs: list[str], labels: dict[str, str] | None = None) -> list[str]:
+    lines = []
+    for name, phases in breakdown.items():
+        lines += ["", f"Phases of the {(labels or {}).get(name, name)} step, ms (share), each call drained and "
+                  "timed:", ""]
+        lines += table(["phase", *cs], [[phase, *(f"{1e3 * t[c]:.1f} ({100 * t[c] / phases['total'][c]:.0f}%)"
+                                                  for c in cs)] for phase, t in phases.items()])
+    return lines
+
+
+def profile_tables(profiles: dict[str, list[dict]], labels: dict[str, str] | None = None) -> list[str]:
+    lines = []
+    for name, ops in profiles.items():
+        lines += ["", f"Profile of one {(labels or {}).get(name, name)} step, rank 0, top ops by self time:", ""]
+        lines += table(["op", "ms", "share", "calls"],
+                       [[f"`{o['op']}`", f"{o['ms']:.1f}", f"{100 * o['share']:.0f}%", o["calls"]] for o in ops])
+    return lines
+
+
 def markdown(r: dict) -> str:
     cs = r["clocks"]
 
@@ -137,10 +156,7 @@ def markdown(r: dict) -> str:
               "scaling_dense", "scaling_moe", "scaling_tcd")
     lines += [""] + table(["other ratio", *(f"measured, {c}" for c in cs)],
                           [[k, *(shown(c, k) for c in cs)] for k in others if k in r["ratios"]["wall"]])
-    for name, phases in r["breakdown"].items():
-        lines += ["", f"Phases of the {name} step, ms (share), each call drained and timed:", ""]
-        lines += table(["phase", *cs], [[phase, *(f"{1e3 * t[c]:.1f} ({100 * t[c] / phases['total'][c]:.0f}%)"
-                                                  for c in cs)] for phase, t in phases.items()])
+    lines += phase_tables(r["breakdown"], cs)
     ns = sorted({int(key.split("/")[0]) for key in r["relations_ms"]["wall"]})
     lines += ["", "Relation losses alone, forward + backward, ms per call:", ""]
     lines += table(["scope, clock"] + [f"N={n}" for n in ns],
@@ -162,10 +178,70 @@ def markdown(r: dict) -> str:
             [rec["world_size"], *(f"{1e3 * statistics.median(rec['seconds'][c][k]):.0f}" for k in kinds for c in cs),
              " / ".join(f"{x:.2f}" for x in rec["seconds"]["core_share"]["tcd"]), f"{rec['load_average'][0]:.1f}"]
             for rec in r["scaling"]])
-    for name, ops in r["profiles"].items():
-        lines += ["", f"Profile of one {name} step, rank 0, top ops by self time:", ""]
-        lines += table(["op", "ms", "share", "calls"],
-                       [[f"`{o['op']}`", f"{o['ms']:.1f}", f"{100 * o['share']:.0f}%", o["calls"]] for o in ops])
+    lines += profile_tables(r["profiles"])
     if any(v is not None for v in r["sync_sites"].values()):
         lines += ["", f"Host-device syncs in one step (file:line): {json.dumps(r['sync_sites'])}"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ expert count (issue 13)
+
+EXPERT_TARGETS = [("moe64", "dense", 0.85), ("moe64", "moe8", 0.95), ("moe64_every", "dense", 0.75)]  # tokens/s
+
+
+def summarize_experts(r: dict, args: argparse.Namespace, command: str) -> dict:
+    """The expert-count world's results with every tokens/s ratio against dense and against 8 experts (within
+    each round, and of the best times) and the targets' verdicts, on CPU time where there is one."""
+    world, tokens = r["world_size"], r["tokens_per_rank_per_step"]
+
+    def ratio(s: dict, a: str, b: str) -> dict:  # tokens/s of a over tokens/s of b
+        return spread([tb / ta for ta, tb in zip(s[a], s[b])], min(s[b]) / min(s[a]))
+
+    ratios = {c: {f"{a}/{b}": ratio(r["seconds"][c], a, b) for a in EXPERT_COUNTS for b in ("dense", "moe8")}
+              for c in clocks()}
+    clock = "cpu" if on_cpu() else "wall"
+    targets = []
+    for a, b, bound in EXPERT_TARGETS:
+        value = ratios[clock][f"{a}/{b}"]["median"]
+        targets.append({"target": f"{EXPERT_COUNTS[a][2]} / {EXPERT_COUNTS[b][2]}", "key": f"{a}/{b}",
+                        "bound": bound, "kind": "min", "clock": clock, "value": value, "met": value >= bound})
+    tokens_per_s = {c: {n: world * tokens / statistics.median(r["seconds"][c][n]) for n in EXPERT_COUNTS}
+                    for c in clocks()}
+    return {"command": command, "preset": "quick" if args.quick else "demo",
+            "device": get_accelerator().device_name(), "threads_per_rank": args.threads, "torch": torch.__version__,
+            "clocks": clocks(), "rounds": args.rounds, "steps_per_round": args.steps, **r, "ratios": ratios,
+            "targets": targets, "tokens_per_s": tokens_per_s}
+
+
+def experts_markdown(r: dict) -> str:
+    cs, labels, s = r["clocks"], {n: v[2] for n, v in EXPERT_COUNTS.items()}, r["seconds"]
+
+    def shown(clock: str, key: str) -> str:
+        q = r["ratios"][clock][key]
+        return f"{q['median']:.2f} ({q['min']:.2f} to {q['max']:.2f})"
+
+    lines = [f"Command: `{r['command']}`", "",
+             f"{r['device']}, {r['world_size']} ranks x {r['threads_per_rank']} thread(s), torch {r['torch']}; "
+             f"{r['tokens_per_rank_per_step']} tokens per rank per step; {r['rounds']} interleaved rounds x "
+             f"{r['steps_per_round']} step(s). Ratios of tokens/s: the median (min to max) over rounds of the ratio "
+             f"within a round. Load average at the end: {r['load_average'][0]:.1f}.", ""]
+    lines += table(["target", "bound", *(f"measured, {c}" for c in cs), "verdict"], [
+        [t["target"], f">= {t['bound']}", *(shown(c, t["key"]) for c in cs), verdict(t)] for t in r["targets"]])
+    lines += [""] + table(["student", "params per rank", "ep_size", *(f"tokens/s, {c}" for c in cs),
+                           *(f"vs dense, {c}" for c in cs), *(f"vs 8 experts, {c}" for c in cs),
+                           "core share per rank"], [
+        [label, f"{r['parameters'][n] / 1e6:.1f}M", r["ep_size"].get(n, "-"),
+         *(f"{r['tokens_per_s'][c][n]:.0f}" for c in cs), *(shown(c, f"{n}/dense") for c in cs),
+         *(shown(c, f"{n}/moe8") for c in cs), " / ".join(f"{x:.2f}" for x in s["core_share"][n])]
+        for n, label in labels.items()])
+    lines += phase_tables(r["breakdown"], cs, labels)
+    mib, parts = 2**20, ("model", "gradients", "master weights", "optimizer state")
+    lines += ["", "Memory per rank, MiB (rank 0), shared / expert parameters; ZeRO partitions each over the ranks "
+              "shown:", ""]
+    lines += table(["student", *parts, "partitioned over"], [
+        [labels[n], *(" / ".join(f"{m[side].get(part, 0) / mib:.1f}" for side in ("shared", "expert"))
+                      for part in parts),
+         " / ".join(str(m[side].get("partitioned over ranks", "-")) for side in ("shared", "expert"))]
+        for n, m in r["memory"][0].items()])
+    lines += profile_tables(r["profiles"], labels)
     return "\n".join(lines) + "\n"

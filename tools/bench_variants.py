@@ -15,6 +15,7 @@ from typing import Callable
 
 import deepspeed.comm as dist
 import torch
+from deepspeed.moe.experts import Experts
 from transformers import BertConfig, BertForMaskedLM
 
 from bench_measure import PhaseTimer, Times, timed
@@ -155,7 +156,46 @@ def ours_and_hf(builds: Builds) -> dict[str, Callable[[], Stepper]]:
     return {**ours(builds), "hf": builds.hf_stepper}
 
 
-VARIANT_SETS: dict[str, VariantSet] = {"ours": ours, "ours_and_hf": ours_and_hf}
+EXPERT_COUNTS = {  # name: (kind, overrides of the preset, label); the dense step's shapes and batch
+    "dense": ("dense", (), "dense"),
+    "moe8": ("moe", ("--model.moe.num_experts=8", "--model.moe.layers=every_other"), "8 experts, every other layer"),
+    "moe64": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every_other"),
+              "64 experts, every other layer"),
+    "moe64_every": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every"), "64 experts, every layer"),
+    "moe64_loop": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every_other"),
+                   "64 experts, every other layer, DeepSpeed's per-expert loop"),
+}
+DEEPSPEED_LOOP = {"moe64_loop"}  # built with DeepSpeed's own `Experts` (`with_deepspeed_loop`)
+
+
+def with_deepspeed_loop(model: torch.nn.Module) -> torch.nn.Module:
+    """The baseline's model: the student as DeepSpeed alone would build it, each MoE layer's local experts run
+    by DeepSpeed's `Experts` (its per-expert loop) instead of our `BatchedExperts`, over the same expert modules
+    and parameter objects. Applied to a built trainer's model (`Trainer` builds model and engine together):
+    swapping the module that holds the experts leaves the parameters, their ZeRO groups and gradient hooks as
+    they were. The training step is the student's own."""
+    for block in model.moe_blocks().values():
+        batched = block.deepspeed_moe.experts
+        loop = Experts(torch.nn.Identity(), num_local_experts=0)  # no experts of its own: it takes these
+        loop.deepspeed_experts, loop.num_local_experts = batched.deepspeed_experts, batched.num_local_experts
+        block.deepspeed_moe.experts = loop
+    return model
+
+
+def expert_stepper(builds: Builds, name: str) -> Stepper:
+    kind, overrides, _ = EXPERT_COUNTS[name]
+    if name in DEEPSPEED_LOOP and name not in builds.trainers:
+        with_deepspeed_loop(builds.trainer(kind, name, overrides).model)
+    return builds.stepper(kind, name, overrides)
+
+
+def experts(builds: Builds) -> dict[str, Callable[[], Stepper]]:
+    """The expert-count comparison (issue 13): dense against the MoE student (MLM only) at 8 and 64 experts,
+    and 64 experts with DeepSpeed's per-expert loop, on the same shapes and batches."""
+    return {name: partial(expert_stepper, builds, name) for name in EXPERT_COUNTS}
+
+
+VARIANT_SETS: dict[str, VariantSet] = {"ours": ours, "ours_and_hf": ours_and_hf, "experts": experts}
 
 
 # ----------------------------------------------------------------------------- parts of a step, alone
