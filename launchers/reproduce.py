@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows, plan = stages(preset, out)
     try:
-        run_stages(plan, out, slots=make_slots(preset.jobs.slots, preset.jobs.threads))
+        run_stages(plan, out, slots=make_slots(preset.jobs.slots, preset.jobs.threads, preset.jobs.pin))
     except StageFailed as e:
         print(f"[protocol] {e}", file=sys.stderr)
         return 1

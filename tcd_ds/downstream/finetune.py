@@ -251,7 +251,7 @@ def training_arguments(config: FinetuneConfig, seed: int, device: torch.device, 
         lr_scheduler_type="linear", warmup_steps=config.warmup_ratio, max_grad_norm=config.grad_clip,
         seed=seed, data_seed=seed, bf16=gpu and torch.cuda.is_bf16_supported(), use_cpu=not gpu,
         train_sampling_strategy="group_by_length", eval_strategy="epoch", save_strategy="no",
-        logging_strategy="no", report_to=config.report_to or "none", disable_tqdm=True, log_level="error",
+        logging_strategy="epoch" if config.report_to else "no", report_to=config.report_to or "none", disable_tqdm=True, log_level="error",
         dataloader_pin_memory=gpu, optim="adamw_torch_fused" if gpu else "adamw_torch",
     )
     if gpu and args.n_gpu > 1:
@@ -295,6 +295,10 @@ def train_one_seed(model_dir: str | Path, task: Task, config: FinetuneConfig, se
         rest = [s for s in task.eval_splits() if s not in per_epoch]
         final = split_metrics(trainer.evaluate({s: encoded[s] for s in rest}, ignore_keys=ignore), rest) \
             if rest else {}
+        if "wandb" in config.report_to:  # one W&B run per seed: HF's callback would log the next seed into this one
+            import wandb
+
+            wandb.finish()
     scores = {s: best[s] for s in task.eval_splits() if s in best}
     constant = {s: best["constant"][s] for s in scores}
     for split, values in final.items():

@@ -74,6 +74,7 @@ class Jobs(Section):
     slots: Annotated[int, Field(gt=0)] | None = Field(None, description="default: one per GPU; on CPU 1")
     threads: Annotated[int, Field(gt=0)] | None = Field(
         None, description="CPU cores (threads) per job; default: the node's cores / slots")
+    pin: bool = Field(True, description="pin each job to its slot's cores (taskset)")
 
 
 class Probe(Section):

@@ -18,6 +18,7 @@ class Slot:
     index: int
     cores: tuple[int, ...]
     gpu: str | None  # a CUDA device id as the parent sees it; None on CPU
+    pin: bool = True  # pinned to its cores (a machine shared with others may run better unpinned)
 
     def env(self) -> dict[str, str]:
         threads = str(len(self.cores))
@@ -28,12 +29,13 @@ class Slot:
 
     def wrap(self, argv: list[str]) -> list[str]:
         """`argv` pinned to the slot's cores (unpinned where `taskset` is missing: the thread count still holds)."""
-        taskset = shutil.which("taskset")
+        taskset = shutil.which("taskset") if self.pin else None
         return [taskset, "--cpu-list", ",".join(map(str, sorted(set(self.cores)))), *argv] if taskset else list(argv)
 
     def describe(self) -> str:
         where = f"GPU {self.gpu}, " if self.gpu is not None else ""
-        return f"slot {self.index} ({where}cores {','.join(map(str, sorted(set(self.cores))))})"
+        cores = f"cores {','.join(map(str, sorted(set(self.cores))))}" if self.pin else f"{len(self.cores)} threads"
+        return f"slot {self.index} ({where}{cores})"
 
 
 def node_gpus() -> list[str]:
@@ -48,12 +50,12 @@ def node_gpus() -> list[str]:
     return ids[:count]
 
 
-def make_slots(count: int | None = None, threads: int | None = None) -> list[Slot]:
+def make_slots(count: int | None = None, threads: int | None = None, pin: bool = True) -> list[Slot]:
     """`count` slots (default: one per GPU, or 1 on CPU), each with `threads` cores (default: this process's
-    cores shared out evenly; more than there are reuse cores round-robin)."""
+    cores shared out evenly; more than there are reuse cores round-robin), pinned to them or not."""
     gpus = node_gpus()
     count = count or max(1, len(gpus))
     cores = sorted(os.sched_getaffinity(0))
     per = threads or max(1, len(cores) // count)
-    return [Slot(i, tuple(cores[(i * per + j) % len(cores)] for j in range(per)), gpus[i % len(gpus)] if gpus else None)
-            for i in range(count)]
+    return [Slot(i, tuple(cores[(i * per + j) % len(cores)] for j in range(per)), gpus[i % len(gpus)] if gpus else None,
+                 pin) for i in range(count)]
