@@ -19,7 +19,8 @@ from conftest import LAUNCH_ENV, REPO
 from tcd_ds.protocol.plan import stages
 from tcd_ds.protocol.preset import load_preset
 from tcd_ds.protocol.report import markdown_table
-from tcd_ds.protocol.stages import Stage, run_stages
+from tcd_ds.protocol.slots import make_slots
+from tcd_ds.protocol.stages import Stage, StageFailed, command, run_stages
 from tcd_ds.spec import SpecError
 from tcd_ds.train.metrics import read_metrics
 
@@ -162,6 +163,25 @@ def test_changed_settings_rerun_the_stage_and_what_follows_it(tmp_path):
     run_stages(plan(20), tmp_path, log=lambda line: None)
     assert calls == ["teacher", "finetune", "moe", "teacher", "finetune"]
     assert not (tmp_path / "teacher.out").exists()  # removed before the rerun with new settings
+
+
+def test_jobs_run_in_their_slots_and_a_failed_one_is_named(tmp_path):
+    """Each job sees its slot's thread count and cores; a failure is raised with its name, the jobs that finished
+    stay done (skipped on rerun) and the failed one runs again."""
+    probe = "import os; print(os.environ['OMP_NUM_THREADS'], len(os.sched_getaffinity(0)))"
+
+    def plan(fail: bool) -> list[Stage]:
+        return [Stage(name, {"job": name}, command([sys.executable, "-c", code]), job=True) for name, code in
+                [("a", probe), ("b", probe), ("c", "raise SystemExit(3)" if fail else "pass")]]
+
+    lines = []
+    with pytest.raises(StageFailed, match="c failed: exit status 3"):
+        run_stages(plan(True), tmp_path, log=lines.append, slots=make_slots(2, 1))
+    for name in ("a", "b"):
+        assert (tmp_path / "logs" / f"{name}.log").read_text().splitlines()[-1] == "1 1"
+    run_stages(plan(False), tmp_path, log=lines.append, slots=make_slots(2, 1))
+    assert [line for line in lines if "skipped" in line] == [f"[protocol {i}/3] {n}: done in an earlier run, skipped"
+                                                             for i, n in ((1, "a"), (2, "b"))]
 
 
 def test_ablation_adds_one_tcd_run_per_location_with_it_off(tmp_path):
