@@ -6,7 +6,9 @@ a comparison table (results.md, results.json) and plots (plots/*.png) in the out
                                   [--section.key=value ...]
 
 Pre-training runs through the `deepspeed` runner as a user runs it (the preset's `deepspeed` arguments), one
-OpenMP thread per rank unless OMP_NUM_THREADS is set. Rerunning skips finished stages and resumes an interrupted
+OpenMP thread per rank unless OMP_NUM_THREADS is set. Probes and fine-tunings (launchers/probe.py,
+launchers/finetune.py) run side by side, one per device slot (the preset's `jobs`: one per GPU by default, on CPU
+one), each pinned to its share of the cores; the slots change no result. Rerunning skips finished stages and resumes an interrupted
 one; a stage whose settings changed runs again, and so does everything after it. `--ablate` adds one TCD run per
 relation location (all enabled ones, or those named) with that location off. Exit status: 2 for an invalid
 preset, 1 for a failed stage (its log is named).
@@ -21,6 +23,7 @@ from tcd_ds.protocol.plan import stages
 from tcd_ds.protocol.plots import write_plots
 from tcd_ds.protocol.preset import load_preset
 from tcd_ds.protocol.report import gather, write_report
+from tcd_ds.protocol.slots import make_slots
 from tcd_ds.protocol.stages import StageFailed, minutes, run_stages
 from tcd_ds.rundir import RunDir
 from tcd_ds.spec import RELATION_LOCATIONS, SpecError
@@ -51,13 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows, plan = stages(preset, out)
     try:
-        run_stages(plan, out)
+        run_stages(plan, out, slots=make_slots(preset.jobs.slots, preset.jobs.threads, preset.jobs.pin))
     except StageFailed as e:
         print(f"[protocol] {e}", file=sys.stderr)
         return 1
     results = gather(preset, rows, out)
     table = write_report(results, out)
-    plots = write_plots({m.name: read_metrics(RunDir(m.run_dir).metrics_file) for m in rows}, results, out / "plots")
+    records = {m.name: read_metrics(RunDir(m.run_dir).metrics_file) for m in rows if m.run_dir is not None}
+    plots = write_plots(records, results, out / "plots")
     print(f"[protocol] report: {out / 'results.md'}, {out / 'results.json'}, plots: "
           f"{', '.join(str(p) for p in plots)}")
     print(f"[protocol] finished in {minutes(time.perf_counter() - start)}\n")

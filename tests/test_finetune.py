@@ -1,7 +1,8 @@
-"""Fine-tuning converted models (launchers/finetune.py): a tiny MoE student learns a task it can learn, adapters
-leave the pre-trained weights alone, the balance loss stays in the loss, and local task files of each format load.
-(The classifier's encoder against the converted model's: tests/test_convert.py; its balance loss against
-DeepSpeed's: tests/test_convert_routing.py.)"""
+"""Fine-tuning converted models (launchers/finetune.py, on transformers.Trainer): a tiny teacher and a tiny MoE
+student learn a task they can learn, the student's logged loss holds its balance term, adapters train only what
+they should, weight decay spares biases and LayerNorm, a constant predictor is flagged, the MoE options reach the
+model, and local task files of each format load. (The classifier's encoder against the converted model's:
+tests/test_convert.py; its balance loss against DeepSpeed's: tests/test_convert_routing.py.)"""
 
 import importlib.util
 import json
@@ -14,17 +15,19 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from conftest import REPO
 from tcd_ds.downstream.adapters import add_adapters
-from tcd_ds.downstream.finetune import FinetuneConfig, collate, encode, load_classifier
+from tcd_ds.downstream.finetune import FinetuneConfig, LossTally, collate, encode, load_classifier, make_trainer
 from tcd_ds.downstream.tasks import GLUE, Example, TaskError, glue_task, load_task
 from tcd_ds.hf.convert import convert
+from tcd_ds.models import register_auto_classes
 
 
 @pytest.fixture(scope="module")
 def converted(teacher_run, tcd_run, tmp_path_factory) -> dict[str, Path]:
+    register_auto_classes()  # AutoConfig of a converted student, here as in launchers/finetune.py
     root = tmp_path_factory.mktemp("hf")
     return {"teacher": convert(teacher_run, root / "teacher"), "tcd": convert(tcd_run, root / "tcd")}
 
@@ -37,10 +40,9 @@ def write_task(directory: Path, splits: dict[str, list[str]], header: str, task_
     return directory
 
 
-@pytest.fixture(scope="module")
-def keyword_task(tmp_path_factory) -> Path:
+def keyword_splits(train_label: int | None = None) -> dict[str, list[str]]:
     """Eight random Wikipedia words with "excellent" (label 1) or "terrible" (label 0) inserted somewhere: learnable
-    from the words alone, whatever the model learnt in pre-training."""
+    from the words alone, whatever the model learnt in pre-training. `train_label` relabels train: one class only."""
     words = [w for line in (REPO / "data/wiki/validation.txt").open() for w in line.split() if w.isalpha()][:3000]
     rng = random.Random(0)
     splits = {}
@@ -50,11 +52,18 @@ def keyword_task(tmp_path_factory) -> Path:
             label = rng.randrange(2)
             sentence = rng.sample(words, 8)
             sentence.insert(rng.randrange(9), "excellent" if label else "terrible")
-            lines.append(f"{' '.join(sentence)}\t{label}")
+            lines.append(f"{' '.join(sentence)}\t{label if train_label is None or split != 'train' else train_label}")
         splits[split] = lines
-    task_yaml = "name: keyword\ntrain: train.tsv\ndev: dev.tsv\ntest: test.tsv\ntext_fields: [sentence]\n" \
-                "metrics: [accuracy, f1]\n"
-    return write_task(tmp_path_factory.mktemp("keyword"), splits, "sentence\tlabel", task_yaml, ".tsv")
+    return splits
+
+
+KEYWORD_YAML = "name: keyword\ntrain: train.tsv\ndev: dev.tsv\ntest: test.tsv\ntext_fields: [sentence]\n" \
+               "metrics: [accuracy, f1]\n"
+
+
+@pytest.fixture(scope="module")
+def keyword_task(tmp_path_factory) -> Path:
+    return write_task(tmp_path_factory.mktemp("keyword"), keyword_splits(), "sentence\tlabel", KEYWORD_YAML, ".tsv")
 
 
 def finetune_cli(*args) -> int:
@@ -65,31 +74,73 @@ def finetune_cli(*args) -> int:
     return module.main([str(a) for a in args])
 
 
-def test_full_finetuning_of_a_tiny_moe_student_learns_a_learnable_task(converted, keyword_task, tmp_path):
+@pytest.mark.parametrize("model, seeds", [("teacher", [1]), ("tcd", [1, 2])])
+def test_converted_models_learn_a_learnable_task(converted, keyword_task, tmp_path, model, seeds):
+    """Through launchers/finetune.py at its defaults but a smaller batch (the task is small): well above chance on
+    test with the epoch picked on the held-out slice; an MoE student's logged loss is task + 0.01 x balance."""
     out = tmp_path / "keyword.json"
-    assert finetune_cli(converted["tcd"], "--task", keyword_task, "--seeds", 1, 2, "--epochs", 6, "--batch-size", 16,
-                        "--lr", 2e-3, "--out", out) == 0
+    assert finetune_cli(converted[model], "--task", keyword_task, "--seeds", *seeds, "--batch-size", 16,
+                        "--out", out) == 0
     result = json.loads(out.read_text())
-    assert result["seeds"] == [1, 2] and [run["seed"] for run in result["runs"]] == [1, 2]
+    assert result["seeds"] == seeds and [run["seed"] for run in result["runs"]] == seeds
+    assert result["selection"] == "heldout" and result["heldout_examples"] == 26  # 10% of 256
+    assert result["train_examples"] == 230 and result["report_split"] == "test"
     for run in result["runs"]:
         assert run["scores"]["test"]["accuracy"] >= 0.9, run  # chance is 0.5
-        assert run["balance_weight"] == pytest.approx(0.01)  # the run spec's, kept on by default
-        assert all(0.9 < epoch["train_balance_loss"] < 4.0 for epoch in run["epochs"])  # switch l_aux: 1 = uniform
+        assert run["constant_predictions"] == [] and len(run["epochs"]) == FinetuneConfig().epochs
+        picked = run["epochs"][run["best_epoch"] - 1]
+        assert picked["heldout"]["accuracy"] == max(e["heldout"]["accuracy"] for e in run["epochs"])
+        assert run["scores"]["dev"] == picked["dev"]
+        for epoch in run["epochs"]:
+            if model == "tcd":
+                assert run["balance_weight"] == pytest.approx(0.01)  # the run spec's, kept on by default
+                assert 0.3 < epoch["train_balance_loss"] < 4.0  # switch l_aux: 1 = uniform (less with padding)
+                assert epoch["train_total_loss"] == pytest.approx(
+                    epoch["train_loss"] + 0.01 * epoch["train_balance_loss"], rel=1e-5)
+            else:
+                assert run["balance_weight"] is None and "train_balance_loss" not in epoch
+                assert epoch["train_total_loss"] == pytest.approx(epoch["train_loss"], rel=1e-6)
     test = result["summary"]["test"]["accuracy"]
     scores = [run["scores"]["test"]["accuracy"] for run in result["runs"]]
-    assert test["mean"] == pytest.approx(sum(scores) / 2)
-    assert test["std"] == pytest.approx(abs(scores[0] - scores[1]) / math.sqrt(2))
+    assert test["mean"] == pytest.approx(sum(scores) / len(scores))
+    if len(scores) == 2:
+        assert test["std"] == pytest.approx(abs(scores[0] - scores[1]) / math.sqrt(2))
 
 
-def test_adapter_mode_with_the_balance_loss_turned_off(converted, keyword_task, tmp_path):
+def adapter_and_head_parameters(config, bottleneck: int, num_labels: int) -> int:
+    """What adapter mode trains, counted from the architecture: two adapters per layer, every LayerNorm (the
+    embeddings' and two per layer), the pooler and the classifier."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    adapters = layers * 2 * (h * bottleneck + bottleneck + bottleneck * h + h)
+    layer_norms = (1 + 2 * layers) * 2 * h
+    return adapters + layer_norms + (h * h + h) + (h * num_labels + num_labels)
+
+
+def test_adapter_mode_trains_the_counted_parameters_without_the_balance_loss(converted, keyword_task, tmp_path):
     out = tmp_path / "off.json"
     assert finetune_cli(converted["tcd"], "--task", keyword_task, "--mode", "adapter", "--seeds", 1, "--epochs", 1,
-                        "--balance-weight", 0, "--max-train-examples", 32, "--out", out) == 0
+                        "--adapter-size", 8, "--balance-weight", 0, "--max-train-examples", 32, "--selection", "last",
+                        "--out", out) == 0
     result = json.loads(out.read_text())
     run = result["runs"][0]
     assert result["mode"] == "adapter" and result["config"]["max_train_examples"] == 32
+    assert result["train_examples"] == 32 and result["heldout_examples"] == 0 and run["best_epoch"] == 1
     assert run["balance_weight"] is None and "train_balance_loss" not in run["epochs"][0]
     assert math.isfinite(run["epochs"][0]["train_loss"]) and 0 <= run["scores"]["test"]["accuracy"] <= 1
+    config = AutoConfig.from_pretrained(converted["tcd"])
+    assert run["trainable_parameters"] == adapter_and_head_parameters(config, 8, 2)
+    assert run["trainable_parameters"] < run["parameters"] / 10
+
+
+def test_a_model_that_predicts_one_class_is_flagged(converted, tmp_path):
+    """Train labels all 0: the model learns to answer 0 whatever the input, and the result says so."""
+    task = write_task(tmp_path / "zeros", keyword_splits(train_label=0), "sentence\tlabel", KEYWORD_YAML, ".tsv")
+    out = tmp_path / "zeros.json"
+    assert finetune_cli(converted["teacher"], "--task", task, "--seeds", 1, "--epochs", 2, "--batch-size", 16,
+                        "--max-train-examples", 64, "--selection", "dev", "--out", out) == 0
+    result = json.loads(out.read_text())
+    assert result["runs"][0]["constant_predictions"] == ["dev", "test"] and result["constant_prediction_seeds"] == [1]
+    assert result["runs"][0]["scores"]["test"]["f1"] == 0.0  # never the positive class
 
 
 def test_adapters_start_as_the_pretrained_model_and_train_alone(converted, keyword_task):
@@ -117,6 +168,35 @@ def test_adapters_start_as_the_pretrained_model_and_train_alone(converted, keywo
     assert any(n.startswith("adapters.") and n.endswith("up.weight") for n in changed)
     assert changed <= trained
     assert not torch.allclose(model.eval()(**batch).logits, before)  # the hooks are in the forward pass
+
+
+def test_weight_decay_spares_biases_and_layer_norms(converted, keyword_task, tmp_path):
+    task = load_task(str(keyword_task))
+    config = FinetuneConfig(mode="adapter", adapter_size=8)
+    model = load_classifier(converted["tcd"], task, config)
+    tokenizer = AutoTokenizer.from_pretrained(converted["tcd"])
+    trainer = make_trainer(model, tokenizer, task, config, 1, torch.device("cpu"), str(tmp_path), [], {},
+                           LossTally())
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {group["weight_decay"]: {names[id(p)] for p in group["params"]}
+              for group in trainer.create_optimizer().param_groups}
+    assert set(groups) == {config.weight_decay, 0.0}
+    assert groups[0.0] == {n for n, p in model.named_parameters()
+                           if p.requires_grad and (n.endswith(".bias") or ".LayerNorm." in n)}
+    assert groups[config.weight_decay] | groups[0.0] == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_moe_options_freeze_the_router_and_set_the_eval_capacity(converted, keyword_task):
+    task = load_task(str(keyword_task))
+    model = load_classifier(converted["tcd"], task, FinetuneConfig(train_router=False, eval_capacity_factor=8.0))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"bert.encoder.layer.{i}.output.dense.deepspeed_moe.gate.wg.weight"
+                      for i in model.config.moe_layers}
+    gates = [block.deepspeed_moe.gate for block in model.moe_blocks().values()]
+    assert model.config.eval_capacity_factor == 8.0 and all(g.eval_capacity_factor == 8.0 for g in gates)
+    default = load_classifier(converted["tcd"], task, FinetuneConfig())
+    assert all(p.requires_grad for p in default.parameters())
+    assert default.config.eval_capacity_factor == AutoConfig.from_pretrained(converted["tcd"]).eval_capacity_factor
 
 
 def test_local_task_files_of_each_format(tmp_path):

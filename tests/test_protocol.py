@@ -1,21 +1,26 @@
-"""launchers/reproduce.py, the one-command protocol, at the tiny preset: the table and the plots, finished stages
-skipped on rerun, changed settings rerun downstream, the ablation switch and the preset's checks.
+"""launchers/reproduce.py, the one-command protocol, at the tiny preset: the table (with the from-scratch row) and
+the plots, jobs in two slots scoring as in one, finished stages skipped on rerun, changed settings rerun
+downstream, the ablation switch and the preset's checks.
 
 The session's tiny teacher and TCD runs (conftest.py) are given to the protocol as existing runs; it pre-trains
 the MoE baseline itself, through the `deepspeed` runner."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import LAUNCH_ENV, REPO
 from tcd_ds.protocol.plan import stages
 from tcd_ds.protocol.preset import load_preset
-from tcd_ds.protocol.stages import Stage, run_stages
+from tcd_ds.protocol.report import markdown_table
+from tcd_ds.protocol.slots import make_slots
+from tcd_ds.protocol.stages import Stage, StageFailed, command, run_stages
 from tcd_ds.spec import SpecError
 from tcd_ds.train.metrics import read_metrics
 
@@ -54,25 +59,44 @@ def numbers(tree) -> list[float]:
 def test_protocol_writes_one_row_per_model_with_finite_numbers(protocol, teacher_run, tcd_run):
     out, _, stdout = protocol
     results = json.loads((out / "results.json").read_text())
-    assert [m["name"] for m in results["models"]] == ["teacher", "moe", "tcd"]
+    assert [m["name"] for m in results["models"]] == ["teacher", "moe", "tcd", "scratch"]
     assert all(math.isfinite(x) for x in numbers(results))
     runs = {"teacher": teacher_run, "moe": out / "pretrain" / "moe", "tcd": tcd_run}
     for m in results["models"]:
-        records = read_metrics(runs[m["name"]] / "metrics.jsonl")
-        assert m["pretrain"]["steps"] == records[-1]["step"] == (12 if m["name"] == "teacher" else 8)
-        assert m["pretrain"]["val/loss/mlm"] == records[-1]["val/loss/mlm"]
+        if m["name"] == "scratch":
+            assert m["pretrain"] is None and m["run_dir"] is None
+        else:
+            records = read_metrics(runs[m["name"]] / "metrics.jsonl")
+            assert m["pretrain"]["steps"] == records[-1]["step"] == (12 if m["name"] == "teacher" else 8)
+            assert m["pretrain"]["val/loss/mlm"] == records[-1]["val/loss/mlm"]
         assert 0 < m["ood_mlm"]["loss"] and 0 <= m["ood_mlm"]["accuracy"] <= 1 and m["ood_mlm"]["masked_tokens"] > 0
         finetuned = json.loads((out / "finetune" / m["name"] / "movie_reviews_full.json").read_text())
         scores = [run["scores"]["test"]["accuracy"] for run in finetuned["runs"]]
         row = m["downstream"]["movie_reviews full"]
         assert row["scores"] == scores and len(scores) == 2  # seeds 1 and 2
         assert row["mean"] == pytest.approx(sum(scores) / 2)
+        assert finetuned["selection"] == "heldout" and finetuned["heldout_examples"] == 64
     assert not (out / "pretrain" / "teacher").exists() and not (out / "pretrain" / "tcd").exists()  # given runs
 
     table = (out / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    assert [row.split("|")[1].strip() for row in rows[1:]] == ["teacher", "moe", "tcd"]  # rows[0] is the rule
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["teacher", "moe", "tcd", "scratch"]  # rows[0]: rule
+    assert rows[-1].split("|")[2:4] == [" 0 ", " — "]  # no pre-training steps, no validation loss
+    assert "the epoch with the best accuracy on a held-out slice of train (64 examples" in table
     assert table in stdout
+    jobs = [line for line in stdout.splitlines() if ": running on slot" in line]
+    assert len(jobs) == 8 and {line.split(" on slot ")[1][0] for line in jobs} == {"0", "1"}  # 4 probes, 4 fine-tunings
+
+
+def test_scratch_model_has_the_teachers_shape_and_fresh_weights(protocol):
+    from safetensors.torch import load_file
+
+    out, _, _ = protocol
+    teacher, scratch = (load_file(out / "hf" / name / "model.safetensors") for name in ("teacher", "scratch"))
+    assert {k: v.shape for k, v in scratch.items()} == {k: v.shape for k, v in teacher.items()}
+    assert not any(torch.equal(scratch[k], teacher[k]) for k in teacher if k.endswith("dense.weight"))
+    assert json.loads((out / "hf" / "scratch" / "config.json").read_text())["hidden_size"] == \
+        json.loads((out / "hf" / "teacher" / "config.json").read_text())["hidden_size"]
 
 
 def test_protocol_writes_the_plots(protocol):
@@ -87,9 +111,38 @@ def test_rerun_skips_every_finished_stage(protocol):
     before = (out / "results.json").read_text()
     stdout = reproduce(out, *args).stdout
     progress = [line for line in stdout.splitlines() if line.startswith("[protocol ")]
-    assert len(progress) == 10  # 1 pre-training (the given runs have none), 3 conversions, 3 probes, 3 fine-tunings
+    assert len(progress) == 13  # 1 pre-training (not the given runs'), 3 conversions, the scratch model, 4 probes,
+    # 4 fine-tunings
     assert all(line.endswith("done in an earlier run, skipped") for line in progress), progress
     assert (out / "results.json").read_text() == before
+
+
+def test_one_slot_scores_as_two(protocol, tmp_path):
+    """The teacher's and the student's fine-tunings, which ran beside other jobs in two slots, run again one after
+    another in a single slot (with the same thread per job): the same numbers, to the last bit."""
+    out, args, _ = protocol
+    parallel = {}
+    for model in ("teacher", "tcd"):
+        result = out / "finetune" / model / "movie_reviews_full.json"
+        parallel[model] = json.loads(result.read_text())
+        shutil.move(result, tmp_path / f"{model}.json")
+        (out / "stages" / f"finetune_{model}_movie_reviews_full.json").unlink()
+    stdout = reproduce(out, *args, "--jobs.slots=1").stdout
+    reran = [line for line in stdout.splitlines() if ": running on slot" in line]
+    assert len(reran) == 2 and all(" on slot 0 (cores " in line for line in reran), reran
+    for model in ("teacher", "tcd"):
+        serial = json.loads((out / "finetune" / model / "movie_reviews_full.json").read_text())
+        assert serial["runs"] == parallel[model]["runs"] and serial["summary"] == parallel[model]["summary"]
+
+
+def test_table_marks_constant_predictors():
+    cell = {"split": "test", "metric": "accuracy", "mean": 0.5, "std": 0.0, "scores": [0.5, 0.5], "seeds": [1, 2],
+            "selection_rule": "the last epoch", "constant_prediction_seeds": [2]}
+    row = {"name": "teacher", "pretrain": {"steps": 3, "val/loss/mlm": 7.0},
+           "ood_mlm": {"loss": 7.0, "accuracy": 0.1}, "downstream": {"movie_reviews full": cell}}
+    table = markdown_table({"probe": "nyt", "seeds": [1, 2], "models": [row]})
+    assert "| 0.500 ± 0.000 (constant: seed 2) |" in table
+    assert "with the weights of the last epoch." in table and "they learnt nothing" in table
 
 
 def test_changed_settings_rerun_the_stage_and_what_follows_it(tmp_path):
@@ -112,10 +165,29 @@ def test_changed_settings_rerun_the_stage_and_what_follows_it(tmp_path):
     assert not (tmp_path / "teacher.out").exists()  # removed before the rerun with new settings
 
 
+def test_jobs_run_in_their_slots_and_a_failed_one_is_named(tmp_path):
+    """Each job sees its slot's thread count and cores; a failure is raised with its name, the jobs that finished
+    stay done (skipped on rerun) and the failed one runs again."""
+    probe = "import os; print(os.environ['OMP_NUM_THREADS'], len(os.sched_getaffinity(0)))"
+
+    def plan(fail: bool) -> list[Stage]:
+        return [Stage(name, {"job": name}, command([sys.executable, "-c", code]), job=True) for name, code in
+                [("a", probe), ("b", probe), ("c", "raise SystemExit(3)" if fail else "pass")]]
+
+    lines = []
+    with pytest.raises(StageFailed, match="c failed: exit status 3"):
+        run_stages(plan(True), tmp_path, log=lines.append, slots=make_slots(2, 1))
+    for name in ("a", "b"):
+        assert (tmp_path / "logs" / f"{name}.log").read_text().splitlines()[-1] == "1 1"
+    run_stages(plan(False), tmp_path, log=lines.append, slots=make_slots(2, 1))
+    assert [line for line in lines if "skipped" in line] == [f"[protocol {i}/3] {n}: done in an earlier run, skipped"
+                                                             for i, n in ((1, "a"), (2, "b"))]
+
+
 def test_ablation_adds_one_tcd_run_per_location_with_it_off(tmp_path):
     preset = load_preset(TINY, ["--ablate=[trunk, attention]"])
     rows, plan = stages(preset, tmp_path)
-    assert [m.name for m in rows] == ["teacher", "moe", "tcd", "tcd-no_trunk", "tcd-no_attention"]
+    assert [m.name for m in rows] == ["teacher", "moe", "tcd", "tcd-no_trunk", "tcd-no_attention", "scratch"]
     pretrain = {s.name: s.key for s in plan if s.name.startswith("pretrain")}
     tcd, no_trunk = pretrain["pretrain tcd"], pretrain["pretrain tcd-no_trunk"]
     run_dir = tmp_path / "pretrain" / "tcd-no_trunk"
@@ -123,7 +195,8 @@ def test_ablation_adds_one_tcd_run_per_location_with_it_off(tmp_path):
                                      "--logging.progress_bar=False"]
     assert f"--distill.teacher={tmp_path / 'pretrain' / 'teacher'}" in no_trunk["overrides"]
     finetunes = [s.name for s in plan if s.name.startswith("finetune")]
-    assert finetunes[-1] == "finetune tcd-no_attention movie_reviews full"
+    assert finetunes[-2:] == ["finetune tcd-no_attention movie_reviews full", "finetune scratch movie_reviews full"]
+    assert all(s.job for s in plan if s.name.startswith(("finetune", "probe")))
 
 
 def test_ablate_without_locations_drops_each_enabled_one():

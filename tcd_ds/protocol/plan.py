@@ -1,9 +1,11 @@
 """The protocol as stages: pre-train teacher, MoE baseline, MoE+TCD (and one TCD run per ablated relation
-location) -> convert each to Hugging Face -> MLM probe on out-of-domain text -> fine-tune on each task and mode.
+location) -> convert each to Hugging Face (and write the from-scratch row: the teacher's shape, random weights)
+-> MLM probe on out-of-domain text -> fine-tune on each task and mode. Probes and fine-tunings are jobs
+(launchers/probe.py, launchers/finetune.py), run side by side in the preset's device slots.
 
 Layout of the output directory:
     pretrain/<model>/        run directories (a given `run` is used where it is)
-    hf/<model>/              converted models
+    hf/<model>/              converted models (hf/scratch: the from-scratch model)
     probe/<model>.json       out-of-domain MLM loss and accuracy
     finetune/<model>/<task>_<mode>.json
     stages/, logs/           a marker and a log per stage
@@ -12,17 +14,17 @@ Layout of the output directory:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from tcd_ds.protocol.preset import Finetuning, Preset, Pretraining, Probe
 from tcd_ds.protocol.stages import Stage, command, in_process
 from tcd_ds.rundir import RunDir
 from tcd_ds.train.launch import deepspeed_command
+
+LAUNCHERS = Path(__file__).resolve().parents[2] / "launchers"
+SCRATCH = "scratch"
 
 
 @dataclass
@@ -30,7 +32,7 @@ class Model:
     """One row of the comparison: where its run and converted model live, and the key of its pre-training."""
 
     name: str
-    run_dir: Path
+    run_dir: Path | None  # None for the from-scratch row (no pre-training)
     pretrain_key: dict
     pretrain: Stage | None  # None for a given run
 
@@ -84,12 +86,6 @@ def models(preset: Preset, out: Path) -> list[Model]:
     return [teacher, moe, tcd, *ablated]
 
 
-def accelerator_device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().current_device_name())
-
-
 def convert_stage(model: Model, hf_dir: Path, key: dict) -> Stage:
     """tools/convert_to_hf.py's conversion, in this process."""
 
@@ -101,36 +97,50 @@ def convert_stage(model: Model, hf_dir: Path, key: dict) -> Stage:
     return Stage(f"convert {model.name}", key, in_process(run), [hf_dir])
 
 
-def probe_stage(model: str, hf_dir: Path, probe: Probe, out: Path, key: dict) -> Stage:
-    """The out-of-domain MLM probe (a forward pass over a few hundred blocks), in this process."""
-    result_file = probe_result(out, model)
+def scratch_stage(teacher_hf: Path, hf_dir: Path, key: dict) -> Stage:
+    """The from-scratch model: the converted teacher's config and tokenizer, random weights (seed 0)."""
 
     def run() -> None:
-        from tcd_ds.downstream.mlm_probe import mlm_probe
+        from tcd_ds.hf.scratch import write_scratch_model
 
-        result = mlm_probe(hf_dir, probe.files, accelerator_device(), probe.seq_len, cache_dir=probe.cache_dir)
-        print(result)
-        write_json(result_file, {"probe": probe.name, "files": probe.files, **result})
+        write_scratch_model(teacher_hf, hf_dir, seed=key["seed"])
 
-    return Stage(f"probe {model}", key, in_process(run), [result_file])
+    return Stage("init scratch", key, in_process(run), [hf_dir])
+
+
+def probe_stage(model: str, hf_dir: Path, probe: Probe, out: Path, key: dict) -> Stage:
+    """launchers/probe.py: the out-of-domain MLM probe (a forward pass over a few hundred blocks), a job."""
+    result_file = probe_result(out, model)
+    argv = [sys.executable, str(LAUNCHERS / "probe.py"), str(hf_dir), *probe.files, "--name", probe.name,
+            "--seq-len", str(probe.seq_len), "--cache-dir", probe.cache_dir, "--out", str(result_file)]
+    return Stage(f"probe {model}", key, command(argv), [result_file], job=True)
+
+
+def finetune_command(hf_dir: Path, task: str, mode: str, ft: Finetuning, result_file: Path) -> list[str]:
+    """launchers/finetune.py with the preset's settings for this task and mode."""
+    lr = ft.lr_full if mode == "full" else ft.lr_adapter
+    argv = [sys.executable, str(LAUNCHERS / "finetune.py"), str(hf_dir), "--task", task, "--mode", mode,
+            "--seeds", *map(str, ft.seeds), "--epochs", str(ft.epochs), "--batch-size", str(ft.batch_size),
+            "--lr", repr(lr), "--warmup-ratio", repr(ft.warmup_ratio), "--adapter-size", str(ft.adapter_size),
+            "--max-length", str(ft.max_length), "--selection", ft.selection,
+            "--heldout-fraction", repr(ft.heldout_fraction), "--heldout-max-examples", str(ft.heldout_max_examples),
+            "--out", str(result_file)]
+    if ft.max_train_examples is not None:
+        argv += ["--max-train-examples", str(ft.max_train_examples)]
+    if ft.balance_weight is not None:
+        argv += ["--balance-weight", repr(ft.balance_weight)]
+    if ft.eval_capacity_factor is not None:
+        argv += ["--eval-capacity-factor", repr(ft.eval_capacity_factor)]
+    if not ft.train_router:
+        argv.append("--freeze-router")
+    return argv
 
 
 def finetune_stage(model: str, hf_dir: Path, task: str, mode: str, ft: Finetuning, out: Path, key: dict) -> Stage:
-    """launchers/finetune.py's fine-tuning over the preset's seeds, in this process."""
+    """launchers/finetune.py's fine-tuning over the preset's seeds, a job."""
     result_file = finetune_result(out, model, task, mode)
-
-    def run() -> None:
-        from tcd_ds.downstream.finetune import FinetuneConfig, finetune
-        from tcd_ds.downstream.tasks import load_task
-
-        config = FinetuneConfig(
-            mode=mode, epochs=ft.epochs, batch_size=ft.batch_size, lr=ft.lr_full if mode == "full" else ft.lr_adapter,
-            adapter_size=ft.adapter_size, max_length=ft.max_length, max_train_examples=ft.max_train_examples,
-            balance_weight=ft.balance_weight,
-        )
-        write_json(result_file, finetune(hf_dir, load_task(task), config, ft.seeds, accelerator_device()))
-
-    return Stage(f"finetune {model} {task_name(task)} {mode}", key, in_process(run), [result_file])
+    argv = finetune_command(hf_dir, task, mode, ft, result_file)
+    return Stage(f"finetune {model} {task_name(task)} {mode}", key, command(argv), [result_file], job=True)
 
 
 def stages(preset: Preset, out: Path) -> tuple[list[Model], list[Stage]]:
@@ -139,6 +149,11 @@ def stages(preset: Preset, out: Path) -> tuple[list[Model], list[Stage]]:
     result = [m.pretrain for m in rows if m.pretrain is not None]
     convert_keys = {m.name: {"model": m.pretrain_key} for m in rows}
     result += [convert_stage(m, out / "hf" / m.name, convert_keys[m.name]) for m in rows]
+    if preset.scratch:
+        key = {"shape_of": convert_keys["teacher"], "seed": 0}
+        rows.append(Model(SCRATCH, None, key, None))
+        convert_keys[SCRATCH] = key
+        result.append(scratch_stage(out / "hf" / "teacher", out / "hf" / SCRATCH, key))
     for m in rows:
         key = {"model": convert_keys[m.name], "probe": preset.probe.model_dump()}
         result.append(probe_stage(m.name, out / "hf" / m.name, preset.probe, out, key))
@@ -159,7 +174,3 @@ def finetune_result(out: Path, model: str, task: str, mode: str) -> Path:
 def probe_result(out: Path, model: str) -> Path:
     return out / "probe" / f"{model}.json"
 
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))

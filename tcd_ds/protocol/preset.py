@@ -46,18 +46,37 @@ class Pretraining(Section):
 
 
 class Finetuning(Section):
+    """launchers/finetune.py's settings (tcd_ds.downstream.finetune.FinetuneConfig), per task and mode."""
+
     tasks: Annotated[list[str], Field(min_length=1)] = ["data/tasks/movie_reviews"]
     modes: Annotated[list[Literal["full", "adapter"]], Field(min_length=1)] = ["full"]
     seeds: Annotated[list[int], Field(min_length=1)] = [1, 2, 3]
-    epochs: Annotated[int, Field(gt=0)] = 3
+    epochs: Annotated[int, Field(gt=0)] = 5
     batch_size: Annotated[int, Field(gt=0)] = 32
-    lr_full: Annotated[float, Field(gt=0)] = 1e-4
+    lr_full: Annotated[float, Field(gt=0)] = 1e-3
     lr_adapter: Annotated[float, Field(gt=0)] = 1e-3
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
     adapter_size: Annotated[int, Field(gt=0)] = 64
     max_length: Annotated[int, Field(gt=0)] = 128
     max_train_examples: Annotated[int, Field(gt=0)] | None = None
     balance_weight: Annotated[float, Field(ge=0)] | None = Field(
         None, description="MoE load-balancing loss weight in fine-tuning; default: the run's; 0: off")
+    selection: Literal["heldout", "dev", "last"] = Field(
+        "heldout", description="the reported epoch: best on a slice held out from train, best on dev, or the last")
+    heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    heldout_max_examples: Annotated[int, Field(gt=0)] = 1000
+    eval_capacity_factor: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="MoE: expert capacity factor in evaluation; default: the converted model's")
+    train_router: bool = Field(True, description="MoE, full mode: train the router (False: keep it as pre-trained)")
+
+
+class Jobs(Section):
+    """Fine-tunings and probes run side by side, one per slot (tcd_ds.protocol.slots); slots change no result."""
+
+    slots: Annotated[int, Field(gt=0)] | None = Field(None, description="default: one per GPU; on CPU 1")
+    threads: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="CPU cores (threads) per job; default: the node's cores / slots")
+    pin: bool = Field(True, description="pin each job to its slot's cores (taskset)")
 
 
 class Probe(Section):
@@ -76,8 +95,10 @@ class Preset(Section):
     moe: Pretraining
     tcd: Pretraining
     ablate: list[RelationLocation] = Field([], description="relation locations to drop one at a time (extra TCD runs)")
+    scratch: bool = Field(True, description="a row with the teacher's shape and random weights, fine-tuned the same way")
     finetune: Finetuning = Field(default_factory=Finetuning)
     probe: Probe = Field(default_factory=Probe)
+    jobs: Jobs = Field(default_factory=Jobs)
 
     @model_validator(mode="after")
     def _students_differ_only_by_distillation(self) -> Preset:

@@ -4,19 +4,28 @@ marker file records the key it last ran with and whether it finished.
 A finished stage with the same key is skipped; an unfinished one runs again (a pre-training run resumes from its
 last checkpoint); one whose key changed has its outputs removed first, and since keys include their inputs' keys,
 everything downstream of a change runs again too.
+
+Job stages (fine-tunings, probes: each a process of its own) that follow one another run side by side, one per
+device slot (tcd_ds.protocol.slots); each has its own log and marker, as a serial stage does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import queue
 import shutil
 import subprocess
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tcd_ds.protocol.slots import Slot
 
 
 class StageFailed(RuntimeError):
@@ -27,22 +36,27 @@ class StageFailed(RuntimeError):
 class Stage:
     name: str  # e.g. "pretrain tcd"; also names its marker and log file
     key: dict
-    run: Callable[[Path], None]  # given the stage's log file
+    run: Callable[..., None]  # given the stage's log file (and a job, its slot)
     outputs: list[Path] = field(default_factory=list)
+    job: bool = False  # a process that may run beside other jobs, in a device slot
 
     @property
     def slug(self) -> str:
         return self.name.replace(" ", "_").replace("/", "_")
 
 
-def command(argv: list[str], env: dict[str, str] | None = None) -> Callable[[Path], None]:
-    """A stage body that runs `argv` with its output in the stage's log."""
+def command(argv: list[str], env: dict[str, str] | None = None) -> Callable[..., None]:
+    """A stage body that runs `argv` with its output in the stage's log; in a slot, pinned to its cores with its
+    devices and thread counts."""
 
-    def run(log: Path) -> None:
+    def run(log: Path, slot: Slot | None = None) -> None:
+        args, environ = argv, env
+        if slot is not None:
+            args, environ = slot.wrap(argv), {**(os.environ if env is None else env), **slot.env()}
         with log.open("w") as f:
-            f.write(" ".join(argv) + "\n")
+            f.write(" ".join(args) + "\n")
             f.flush()
-            code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+            code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=environ).returncode
         if code != 0:
             tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
             raise StageFailed(f"exit status {code}; log: {log}; its last lines:\n{tail}")
@@ -76,36 +90,94 @@ def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
 
 
-def run_stages(stages: list[Stage], out_dir: Path, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Run what is not done yet, one progress line per stage; returns each stage's run time (0 when skipped)."""
-    markers, logs = out_dir / "stages", out_dir / "logs"
-    markers.mkdir(parents=True, exist_ok=True)
-    logs.mkdir(parents=True, exist_ok=True)
-    times = {}
-    for i, stage in enumerate(stages, 1):
-        marker = markers / f"{stage.slug}.json"
+class Runner:
+    """Runs stages with markers in `out_dir/stages` and logs in `out_dir/logs`, one progress line per stage."""
+
+    def __init__(self, stages: list[Stage], out_dir: Path, log: Callable[[str], None]):
+        self.stages, self.log = stages, log
+        self.markers, self.logs = out_dir / "stages", out_dir / "logs"
+        self.markers.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.times: dict[str, float] = {}
+
+    def prefix(self, stage: Stage) -> str:
+        return f"[protocol {self.stages.index(stage) + 1}/{len(self.stages)}] {stage.name}"
+
+    def marker(self, stage: Stage) -> Path:
+        return self.markers / f"{stage.slug}.json"
+
+    def pending(self, stage: Stage) -> bool:
+        """False for a stage done with the same key (skipped); else clean up after a changed key and mark it
+        started."""
+        marker = self.marker(stage)
         previous = json.loads(marker.read_text()) if marker.is_file() else None
-        prefix = f"[protocol {i}/{len(stages)}] {stage.name}"
         if previous and previous["key"] == stage.key and previous["done"]:
-            log(f"{prefix}: done in an earlier run, skipped")
-            times[stage.name] = 0.0
-            continue
+            self.log(f"{self.prefix(stage)}: done in an earlier run, skipped")
+            self.times[stage.name] = 0.0
+            return False
         if previous and previous["key"] != stage.key:
-            log(f"{prefix}: its settings or inputs changed since it last ran; starting it over")
+            self.log(f"{self.prefix(stage)}: its settings or inputs changed since it last ran; starting it over")
             for path in stage.outputs:
                 if path.is_dir():
                     shutil.rmtree(path)
                 else:
                     path.unlink(missing_ok=True)
         marker.write_text(json.dumps({"key": stage.key, "done": False}, indent=1))
-        log_file = logs / f"{stage.slug}.log"
-        log(f"{prefix}: running (log: {log_file})")
+        return True
+
+    def run(self, stage: Stage, slot: Slot | None = None) -> None:
+        log_file = self.logs / f"{stage.slug}.log"
+        where = "" if slot is None else f" on {slot.describe()}"
+        self.log(f"{self.prefix(stage)}: running{where} (log: {log_file})")
         start = time.perf_counter()
         try:
-            stage.run(log_file)
+            stage.run(log_file) if slot is None else stage.run(log_file, slot)
         except StageFailed as e:
             raise StageFailed(f"{stage.name} failed: {e}") from None
-        times[stage.name] = time.perf_counter() - start
-        marker.write_text(json.dumps({"key": stage.key, "done": True, "seconds": times[stage.name]}, indent=1))
-        log(f"{prefix}: done in {minutes(times[stage.name])}")
-    return times
+        self.times[stage.name] = time.perf_counter() - start
+        self.marker(stage).write_text(json.dumps(
+            {"key": stage.key, "done": True, "seconds": self.times[stage.name]}, indent=1))
+        self.log(f"{self.prefix(stage)}: done in {minutes(self.times[stage.name])}")
+
+    def run_jobs(self, jobs: list[Stage], slots: list[Slot]) -> None:
+        """Each pending job in the first free slot; after a failure no new job starts, the running ones finish,
+        and the first failure is raised."""
+        free: queue.Queue[Slot] = queue.Queue()
+        for slot in slots:
+            free.put(slot)
+        failed = threading.Event()
+
+        def work(stage: Stage) -> None:
+            if failed.is_set():
+                return
+            slot = free.get()
+            try:
+                self.run(stage, slot)
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                free.put(slot)
+
+        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+            futures = [pool.submit(work, stage) for stage in jobs if self.pending(stage)]
+        for future in futures:
+            future.result()
+
+
+def run_stages(stages: list[Stage], out_dir: Path, log: Callable[[str], None] = print,
+               slots: list[Slot] | None = None) -> dict[str, float]:
+    """Run what is not done yet, one progress line per stage, consecutive jobs side by side in `slots` (one at a
+    time, in this process's environment, without slots); returns each stage's run time (0 when skipped)."""
+    runner = Runner(stages, out_dir, log)
+    i = 0
+    while i < len(stages):
+        if stages[i].job and slots:
+            end = next((j for j in range(i, len(stages)) if not stages[j].job), len(stages))
+            runner.run_jobs(stages[i:end], slots)
+            i = end
+            continue
+        if runner.pending(stages[i]):
+            runner.run(stages[i])
+        i += 1
+    return runner.times
