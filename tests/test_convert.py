@@ -28,6 +28,7 @@ RUNS = {
     "student_ep2": (STUDENT, NO_DROPS),  # 2 ranks, 2 experts per rank
     "student_ep1": (STUDENT, NO_DROPS, "--model.moe.ep_size=1"),  # every expert on both ranks, ZeRO-split
     "teacher": (TEACHER, "--checkpoint.every=2"),  # tags step_2 and step_4
+    "student_e64": (STUDENT, "--model.moe.num_experts=64", "--model.moe.eval_capacity_factor=64.0"),  # 32 per rank
 }
 EXPERT_KEY = "bert.encoder.layer.{layer}.output.dense.deepspeed_moe.experts.deepspeed_experts.{expert}.dense_in.weight"
 
@@ -64,7 +65,8 @@ def converted(runs, tmp_path_factory) -> dict[str, Path]:
     proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", str(runs["teacher"]), str(root / "teacher")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and f"wrote {root / 'teacher'}" in proc.stdout, proc.stderr[-4000:]
-    return {"teacher": root / "teacher", **{n: convert(runs[n], root / n) for n in ("student_ep2", "student_ep1")}}
+    students = [name for name in RUNS if name.startswith("student")]
+    return {"teacher": root / "teacher", **{n: convert(runs[n], root / n) for n in students}}
 
 
 def cli(*args: str) -> int:
@@ -91,7 +93,8 @@ def test_converted_logits_equal_the_deepspeed_engines(name, converted, engine_lo
 
 
 @pytest.mark.parametrize(
-    "name, mode", [("student_ep2", "package"), ("student_ep1", "remote_code"), ("teacher", "plain")]
+    "name, mode",
+    [("student_ep2", "package"), ("student_ep1", "remote_code"), ("student_e64", "remote_code"), ("teacher", "plain")],
 )
 def test_loads_in_a_process_without_deepspeed(name, mode, converted, engine_logits, tmp_path):
     """package: `register_auto_classes()` + AutoModelForMaskedLM; remote_code: neither deepspeed nor tcd_ds importable,
