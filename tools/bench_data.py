@@ -183,7 +183,7 @@ def bench_batches(args, work: Path) -> dict:
                     t0 = time.perf_counter()
                     batches = source.micro_batches(step)
                     t1 = time.perf_counter()
-                    trainer.step_engine.step(batches, step)
+                    trainer.train_step(batches, step)
                     t2 = time.perf_counter()
                     if _ > 0:  # a block's first step starts the prefetch chain (or follows the other mode)
                         times[mode].append(t1 - t0)
