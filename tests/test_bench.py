@@ -18,8 +18,7 @@ from tcd_ds.data.mlm import masked_positions
 from tcd_ds.models.build import build_model
 from tcd_ds.spec import ModelSpec, MoESpec
 
-sys.path.insert(0, str(REPO / "tools"))
-from bench_variants import with_deepspeed_loop  # noqa: E402
+from benchmarks.variants import with_deepspeed_loop
 
 V, B, T = 40, 3, 12
 SHAPE = dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position=T, dropout=0.0,
@@ -127,7 +126,7 @@ def quick_bench(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench.py"), "--quick", "--out", str(out), "--cache-dir", str(cache_dir)],
+        [sys.executable, "-m", "benchmarks.bench", "--quick", "--out", str(out), "--cache-dir", str(cache_dir)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -196,7 +195,7 @@ def test_quick_bench_json_is_well_formed(quick_bench):
 
 def test_quick_bench_markdown_states_each_target(quick_bench):
     r, md = quick_bench
-    assert md.startswith("Command: `DS_ACCELERATOR=cpu python tools/bench.py --quick")
+    assert md.startswith("Command: `DS_ACCELERATOR=cpu python -m benchmarks.bench --quick")
     for t in r["targets"]:
         row = next(line for line in md.splitlines() if line.startswith(f"| {t['target']} |"))
         assert ("**missed**" in row) is (not t["met"])

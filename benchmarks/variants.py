@@ -1,4 +1,4 @@
-"""What `tools/bench.py` compares: the real training steps, built by `Trainer` from the presets' run specs and
+"""What `benchmarks/bench.py` compares: the real training steps, built by `Trainer` from the presets' run specs and
 stepped by its `TrainStep`, what a user would write instead (HF `BertForMaskedLM` + `torch.optim.AdamW`), and
 the parts of a step measured alone (teacher forward, relation losses).
 
@@ -18,7 +18,7 @@ import torch
 from deepspeed.moe.experts import Experts
 from transformers import BertConfig, BertForMaskedLM
 
-from bench_measure import PhaseTimer, Times, timed
+from benchmarks.measure import PhaseTimer, Times, timed
 from tcd_ds.data.loader import seeded_generator
 from tcd_ds.distill.relations import RelationDistiller
 from tcd_ds.models.configs import bert_kwargs

@@ -1,6 +1,6 @@
 """Benchmarks of the data path (issue 12): corpus preparation and batch building, side by side in one run.
 
-    python tools/bench_data.py [--out runs/bench_data] [--mb 100] [--big-mb 300] [--old-ref GIT_REF] [--quick]
+    python -m benchmarks.bench_data [--out runs/bench_data] [--mb 100] [--big-mb 300] [--old-ref GIT_REF] [--quick]
 
 Preparation: a corpus of `--mb` MB made from data/wiki/train.txt (its lines repeated, each copy shuffled with
 its own seed), tokenized and packed into blocks (seq_len 128, the demo tokenizer: 8000 pieces trained on the
@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 DEMO = REPO / "ds_configs" / "student_demo_moe.yaml"
 SOURCE = REPO / "data" / "wiki" / "train.txt"
@@ -206,7 +205,7 @@ def bench_batches(args, work: Path) -> dict:
 
 
 def markdown(prep: dict, batches: dict, conditions: str) -> str:
-    lines = ["## Data preparation and batches (tools/bench_data.py)", "", conditions, "",
+    lines = ["## Data preparation and batches (benchmarks/bench_data.py)", "", conditions, "",
              "| preparation run | corpus MB | tokens | wall s | tokens/s | CPU s (main + workers) | tokens per CPU s | "
              "cores busy | peak memory (PSS) MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in prep.items():

@@ -1,4 +1,4 @@
-"""How `tools/bench.py` shows its results: the targets and their verdicts, every ratio within rounds, and
+"""How `benchmarks/bench.py` shows its results: the targets and their verdicts, every ratio within rounds, and
 the markdown tables of OUT/bench.md (OUT/bench.json holds the same and each round's values)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import statistics
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from bench_measure import clocks, on_cpu
-from bench_variants import EXPERT_COUNTS, STEPS
+from benchmarks.measure import clocks, on_cpu
+from benchmarks.variants import EXPERT_COUNTS, STEPS
 
 TARGETS = {  # name: (metric, bound, "max" if the value must stay at or below the bound else "min")
     "TCD step / MoE MLM-only step": ("tcd_over_moe", 1.40, "max"),

@@ -1,6 +1,6 @@
 """Benchmarks of the training steps, side by side on the same shapes in one run (issue 8).
 
-    DS_ACCELERATOR=cpu python tools/bench.py [--out runs/bench] [--ranks 2] [--rounds 8] [--quick] [--experts]
+    DS_ACCELERATOR=cpu python -m benchmarks.bench [--out runs/bench] [--ranks 2] [--rounds 8] [--quick] [--experts]
 
 Measures, on the demo shapes (ds_configs/*_demo*.yaml; --quick: the tiny test shapes, a couple of steps): our
 dense step against what a user would write (HF `BertForMaskedLM`, `torch.optim.AdamW`, DDP); the MoE step with
@@ -15,8 +15,8 @@ after round in the same processes (the order rotating), ratios are taken within 
 rounds reported. On CPU every time is also taken as the ranks' CPU time, which leaves out time lost waiting
 for a core (and for the other ranks). Writes OUT/bench.json and OUT/bench.md, and prints the markdown.
 
-This file runs the launches (the worlds below) and writes the outputs; `bench_measure` says how things are
-measured, `bench_variants` what is compared (its `VARIANT_SETS`), `bench_report` how results are shown.
+This file runs the launches (the worlds below) and writes the outputs; `benchmarks.measure` says how things are
+measured, `benchmarks.variants` what is compared (its `VARIANT_SETS`), `benchmarks.report` how results are shown.
 """
 from __future__ import annotations
 
@@ -39,10 +39,10 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import logger
 from transformers import BertForMaskedLM
 
-from bench_measure import (clocks, every_rank, forward_flops, matmul_peaks, memory_now, on_cpu,
+from benchmarks.measure import (clocks, every_rank, forward_flops, matmul_peaks, memory_now, on_cpu,
                            parameter_memory, rounds_of, step_memory, sync_sites, top_ops)
-from bench_report import experts_markdown, markdown, summarize, summarize_experts
-from bench_variants import (REPO, VARIANT_SETS, Builds, HFBaseline, Stepper, captures_of, full_head_step,
+from benchmarks.report import experts_markdown, markdown, summarize, summarize_experts
+from benchmarks.variants import (REPO, VARIANT_SETS, Builds, HFBaseline, Stepper, captures_of, full_head_step,
                             mlm_loss_check, phase_breakdown, relation_bench, to_device)
 from tcd_ds.data.mlm import IGNORE_INDEX
 from tcd_ds.distill.relations import RelationDistiller
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_budget_s": 0.1 if args.quick else 0.5, "relation_ns": [8, 16] if args.quick else [32, 64, 128, 256, 512],
         "scaling_blocks": 2 if args.quick else 4,
     }
-    command = ("DS_ACCELERATOR=cpu " * on_cpu() + "python tools/bench.py " + " ".join(
+    command = ("DS_ACCELERATOR=cpu " * on_cpu() + "python -m benchmarks.bench " + " ".join(
         sys.argv[1:] if argv is None else argv)).strip()
     if args.experts:
         spawn(experts_world, args.ranks, cfg)

@@ -1,6 +1,6 @@
-"""How `tools/bench.py` measures: clocks, interleaved rounds, matrix-product peaks, memory, phases, profiles and
-model FLOPs. Nothing here knows which steps are compared (`bench_variants`) or how results are shown
-(`bench_report`)."""
+"""How `benchmarks/bench.py` measures: clocks, interleaved rounds, matrix-product peaks, memory, phases, profiles and
+model FLOPs. Nothing here knows which steps are compared (`benchmarks.variants`) or how results are shown
+(`benchmarks.report`)."""
 
 from __future__ import annotations
 
