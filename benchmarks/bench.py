@@ -2,7 +2,7 @@
 
     DS_ACCELERATOR=cpu python -m benchmarks.bench [--out runs/bench] [--ranks 2] [--rounds 8] [--quick] [--experts]
 
-Measures, on the demo shapes (ds_configs/*_demo*.yaml; --quick: the tiny test shapes, a couple of steps): our
+Measures, on the demo shapes (tcd_ds/presets/*_demo*.yaml; --quick: the tiny test shapes, a couple of steps): our
 dense step against what a user would write (HF `BertForMaskedLM`, `torch.optim.AdamW`, DDP); the MoE step with
 MLM only against the full TCD step, with a per-phase breakdown; achieved model FLOP/s against an fp32
 matrix-product peak measured in the same processes; memory per rank; the relation losses' cost as N grows,
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    os.chdir(REPO)  # the presets' data paths are relative to the repository
+    os.chdir(REPO)  # runs/ and .cache/ in the checkout
     cfg = {
         "work": str(work), "preset": "quick" if args.quick else "demo", "cache_dir": args.cache_dir,
         "threads": args.threads, "rounds": args.rounds, "steps": args.steps,

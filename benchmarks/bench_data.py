@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_data [--out runs/bench_data] [--mb 100] [--big-mb 300] [--old-ref GIT_REF] [--quick]
 
-Preparation: a corpus of `--mb` MB made from data/wiki/train.txt (its lines repeated, each copy shuffled with
+Preparation: a corpus of `--mb` MB made from tcd_ds/bundled/wiki/train.txt (its lines repeated, each copy shuffled with
 its own seed), tokenized and packed into blocks (seq_len 128, the demo tokenizer: 8000 pieces trained on the
 bundled corpus) by `build_block_dataset`, each run in a fresh process on an empty block cache: with one
 tokenizer thread per process (TOKENIZERS_PARALLELISM=false) at 1 and 2 processes, at the default settings at 1
@@ -11,7 +11,7 @@ and 2 processes, the default settings on a `--big-mb` corpus (memory growth), an
 sum of the process' and its workers' PSS (proportional set size: pages a forked worker shares with its parent
 count once, as RSS would not), sampled every 200 ms.
 
-Batches: `Trainer` on one CPU rank builds the demo MoE student (ds_configs/student_demo_moe.yaml, ep_size 1) at
+Batches: `Trainer` on one CPU rank builds the demo MoE student (tcd_ds/presets/student_demo_moe.yaml, ep_size 1) at
 micro-batch 16 x 128 and 32 x 128; a step is timed with its batches built on the training thread (exposed) and
 prefetched on the background thread (`PrefetchingBatches`: only the wait is exposed), alternating round by
 round. Writes OUT/bench_data.json and OUT/bench_data.md and prints the markdown.
@@ -34,10 +34,12 @@ import threading
 import time
 from pathlib import Path
 
+from tcd_ds.resources import BUNDLED, PRESETS
+
 REPO = Path(__file__).resolve().parents[1]
 
-DEMO = REPO / "ds_configs" / "student_demo_moe.yaml"
-SOURCE = REPO / "data" / "wiki" / "train.txt"
+DEMO = PRESETS / "student_demo_moe.yaml"
+SOURCE = BUNDLED / "wiki" / "train.txt"
 OLD_TOKENS_PER_S = 0.95e6  # issue 12: the one-process path on 100 MB, default settings
 
 

@@ -1,18 +1,24 @@
 """The run spec: one YAML file that says everything about a run.
 
 Every section forbids unknown keys, because DeepSpeed silently ignores a misspelt key and a run that trains
-with a setting the user never got is worse than one that refuses to start. Everything here is checked before
-any process group starts; the DeepSpeed config is generated from it (tcd_ds/train/ds_config.py).
+with a setting the user never got is worse than one that refuses to start. The schema is pure (it reads no file
+but the spec): what needs the world size or the file system is checked by tcd_ds/checks.py, before any process
+group starts. The DeepSpeed config is generated from it (tcd_ds/train/ds_config.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
+
+from tcd_ds.resources import bundled_path, find_file
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -20,11 +26,22 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Dtype = Literal["fp32", "bf16", "fp16"]
 RelationLocation = Literal["trunk", "residual_inner", "attention"]
 RELATION_LOCATIONS: tuple[RelationLocation, ...] = ("trunk", "residual_inner", "attention")  # DistillSpec fields
+DataPath = Annotated[str, AfterValidator(bundled_path)]  # a path, or `bundled:REL` for a file the package ships
 
 
 class Section(BaseModel):
     # Every float of the spec must be finite: an `inf` weight or `nan` rate would be accepted, then train badly.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _one_value_is_a_list_of_one(cls, value: Any, info: ValidationInfo) -> Any:
+        """`--seeds 1` or `train: file.txt` where a list is expected: a list of that one value."""
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = [annotation] if get_origin(annotation) is list else \
+            [t for t in get_args(annotation) if t is not type(None)]  # X | None
+        only_lists = bool(kinds) and all(get_origin(t) is list for t in kinds)
+        return [value] if only_lists and isinstance(value, (str, int, float)) else value
 
 
 class MoESpec(Section):
@@ -93,13 +110,13 @@ class HubDatasetSpec(Section):
 
 
 class TokenizerSpec(Section):
-    path: str | None = Field(None, description="An HF tokenizer directory to use instead of training one")
+    path: DataPath | None = Field(None, description="An HF tokenizer directory to use instead of training one")
     vocab_size: Annotated[int, Field(ge=100)] = 8000
 
 
 class DataSpec(Section):
-    train: list[str] = ["data/wiki/train.txt"]
-    validation: list[str] = ["data/wiki/validation.txt"]
+    train: list[DataPath] = Field(["bundled:wiki/train.txt"], validate_default=True)
+    validation: list[DataPath] = Field(["bundled:wiki/validation.txt"], validate_default=True)
     hub: HubDatasetSpec | None = None
     seq_len: Annotated[int, Field(ge=8)] = 128
     mask_prob: Annotated[float, Field(gt=0, lt=1)] = 0.15
@@ -107,15 +124,9 @@ class DataSpec(Section):
     cache_dir: str = ".cache/tcd_ds"
 
     @model_validator(mode="after")
-    def _paths_exist(self) -> DataSpec:
-        local = ([] if self.hub else self.train) + self.validation
-        missing = [p for p in local if not Path(p).exists()]
-        if missing:
-            raise ValueError(f"data path(s) not found: {', '.join(missing)} (relative to {os.getcwd()})")
+    def _some_training_text(self) -> DataSpec:
         if not self.hub and not self.train:
             raise ValueError("data.train is empty and no data.hub dataset is given")
-        if self.tokenizer.path and not Path(self.tokenizer.path).is_dir():
-            raise ValueError(f"tokenizer.path {self.tokenizer.path} is not a directory")
         return self
 
 
@@ -208,12 +219,6 @@ class DistillSpec(Section):
     attention: AttentionRelationSpec = Field(default_factory=lambda: AttentionRelationSpec(enabled=False))
 
     @model_validator(mode="after")
-    def _teacher_exists(self) -> DistillSpec:
-        if not Path(self.teacher).exists():
-            raise ValueError(f"teacher path not found: {self.teacher}")
-        return self
-
-    @model_validator(mode="after")
     def _something_to_distil(self) -> DistillSpec:
         if not any(getattr(self, location).enabled for location in RELATION_LOCATIONS):
             raise ValueError(
@@ -252,6 +257,17 @@ class RunSpec(Section):
         if self.distill is not None and self.train.micro_batch_size * self.data.seq_len < self.distill.num_positions:
             raise ValueError(f"distill.num_positions ({self.distill.num_positions}) exceeds the tokens of a micro-batch")
         return self
+
+
+def has_field(model: type[BaseModel], dotted: str) -> bool:
+    """Whether `section.key` names a field of `model` (through nested sections, optional or not)."""
+    for part in dotted.split("."):
+        if model is None or part not in model.model_fields:
+            return False
+        annotation = model.model_fields[part].annotation
+        model = next((t for t in (get_args(annotation) or (annotation,))
+                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return True
 
 
 def grad_accum_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -317,6 +333,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def as_overrides(section: BaseModel, exclude: set[str] = frozenset()) -> list[str]:
+    """A section's fields as `--key=value` arguments that `apply_overrides` reads back to the same values: how a
+    command starts another with its settings, on a command line a user can copy."""
+    args = []
+    for key, value in section.model_dump(mode="json", exclude=set(exclude)).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if isinstance(value, str) and parse_override_value(value) != value:
+            text = json.dumps(value)  # a string YAML would read as something else
+        args.append(f"--{key}={text}")
+    return args
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str = "spec file") -> dict:
     """A YAML file's top-level mapping, or a SpecError saying what is wrong with the file."""
     try:
@@ -336,14 +364,28 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "spec file") -> dict:
     return data
 
 
-def load_spec(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunSpec:
-    """Read a YAML spec (or only defaults), apply overrides, validate: a RunSpec or a SpecError."""
-    data = read_yaml_mapping(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides))
+def find_spec_file(name_or_path: str | os.PathLike, kind: str = "spec") -> Path:
+    """A spec file's path: the path given, or the shipped one of that name (tcd_ds/resources.py); a SpecError
+    naming both when neither exists."""
     try:
-        return RunSpec.model_validate(data)
+        return find_file(name_or_path, kind)
+    except FileNotFoundError as e:
+        raise SpecError([str(e)]) from None
+
+
+def validate(model: type[BaseModel], data: dict):
+    """`model` validated from a raw mapping, or a SpecError with one line per problem."""
+    try:
+        return model.model_validate(data)
     except ValidationError as e:
         raise SpecError(_format_validation_error(e)) from None
+
+
+def load_spec(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunSpec:
+    """Read a YAML spec (a path or a shipped spec's name; None: only defaults), apply overrides, validate: a
+    RunSpec or a SpecError."""
+    data = read_yaml_mapping(find_spec_file(path)) if path is not None else {}
+    return validate(RunSpec, apply_overrides(data, list(overrides)))
 
 
 def dump_spec(spec: RunSpec) -> str:

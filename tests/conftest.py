@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tcd_ds.resources import PRESETS
 from tcd_ds.train.launch import deepspeed_command, free_port  # noqa: F401  (tests import free_port from here)
 from tcd_ds.train.metrics import read_metrics
 
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launch_command(spec: str | Path, *overrides: str, ranks: int = 2, runner_args: tuple[str, ...] = ()) -> list[str]:
-    """launchers/pretrain.py exactly as a user runs it: through the `deepspeed` runner."""
+    """Pre-training exactly as a user runs it: through the `deepspeed` runner (`--module tcd_ds.cli.pretrain`)."""
     if not any(a.startswith("--hostfile") for a in runner_args):
         runner_args = ("--num_gpus", str(ranks), *runner_args)
     return deepspeed_command(list(runner_args), spec, list(overrides))
@@ -45,9 +46,9 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 # Tiny runs shared by the end-to-end tests: each launch costs seconds, so a session makes each once.
-TEACHER = REPO / "ds_configs" / "teacher_tiny.yaml"
-STUDENT_MOE = REPO / "ds_configs" / "student_tiny_moe.yaml"
-STUDENT_TCD = REPO / "ds_configs" / "student_tiny_tcd.yaml"
+TEACHER = PRESETS / "teacher_tiny.yaml"
+STUDENT_MOE = PRESETS / "student_tiny_moe.yaml"
+STUDENT_TCD = PRESETS / "student_tiny_tcd.yaml"
 LOSSES = ("loss/mlm", "loss/balance", "loss/trunk", "loss/residual_inner", "loss/attention", "loss/total")
 
 

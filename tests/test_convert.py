@@ -1,7 +1,6 @@
-"""tools/convert_to_hf.py on runs made by the real launcher: round trips against the DeepSpeed engine's eval
+"""`tcd-ds convert` (and tools/convert_to_hf.py from the checkout) on runs made by the real launcher: round trips against the DeepSpeed engine's eval
 logits, loading without DeepSpeed (and without our package), fp32 masters of a bf16 run, and the errors."""
 
-import importlib.util
 import json
 import math
 import os
@@ -16,11 +15,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForMaskedLM
 
 from conftest import REPO, free_port, launch
+from tcd_ds.cli.convert import main as convert_main
 from tcd_ds.hf.convert import convert, write_atomically
 from tcd_ds.models.modeling_moe_bert import MoEBertForMaskedLM
 from tcd_ds.rundir import Checkpoint, CheckpointError, locate_checkpoint
+from tcd_ds.resources import PRESETS
 
-STUDENT, TEACHER = REPO / "ds_configs" / "student_tiny_moe.yaml", REPO / "ds_configs" / "teacher_tiny.yaml"
+STUDENT, TEACHER = PRESETS / "student_tiny_moe.yaml", PRESETS / "teacher_tiny.yaml"
 # Eval capacity factor = num_experts: capacity = every token of a micro-batch, so no expert can overflow and
 # DeepSpeed's random choice of dropped tokens cannot enter the round trip (test_convert_routing.py covers drops).
 NO_DROPS = "--model.moe.eval_capacity_factor=4.0"
@@ -70,11 +71,8 @@ def converted(runs, tmp_path_factory) -> dict[str, Path]:
 
 
 def cli(*args: str) -> int:
-    """tools/convert_to_hf.py's main(), in this process."""
-    spec = importlib.util.spec_from_file_location("convert_to_hf", REPO / "tools" / "convert_to_hf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in args])
+    """`tcd-ds convert`'s main(), in this process."""
+    return convert_main([str(a) for a in args])
 
 
 def eval_logits(model, result: dict) -> torch.Tensor:

@@ -1,10 +1,9 @@
-"""Fine-tuning converted models (launchers/finetune.py, on transformers.Trainer): a tiny teacher and a tiny MoE
+"""Fine-tuning converted models (`tcd-ds finetune`, on transformers.Trainer): a tiny teacher and a tiny MoE
 student learn a task they can learn, the student's logged loss holds its balance term, adapters train only what
 they should, weight decay spares biases and LayerNorm, a constant predictor is flagged, the MoE options reach the
 model, and local task files of each format load. (The classifier's encoder against the converted model's:
 tests/test_convert.py; its balance loss against DeepSpeed's: tests/test_convert_routing.py.)"""
 
-import importlib.util
 import json
 import math
 import random
@@ -18,16 +17,19 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from conftest import REPO
+from tcd_ds.cli.finetune import main as finetune_main
 from tcd_ds.downstream.adapters import add_adapters
-from tcd_ds.downstream.finetune import FinetuneConfig, LossTally, collate, encode, load_classifier, make_trainer
+from tcd_ds.downstream.finetune import LossTally, collate, encode, load_classifier, make_trainer
+from tcd_ds.downstream.spec import FinetuneSpec
 from tcd_ds.downstream.tasks import GLUE, Example, TaskError, glue_task, load_task
 from tcd_ds.hf.convert import convert
 from tcd_ds.models import register_auto_classes
+from tcd_ds.resources import BUNDLED
 
 
 @pytest.fixture(scope="module")
 def converted(teacher_run, tcd_run, tmp_path_factory) -> dict[str, Path]:
-    register_auto_classes()  # AutoConfig of a converted student, here as in launchers/finetune.py
+    register_auto_classes()  # AutoConfig of a converted student, here as in `tcd-ds finetune`
     root = tmp_path_factory.mktemp("hf")
     return {"teacher": convert(teacher_run, root / "teacher"), "tcd": convert(tcd_run, root / "tcd")}
 
@@ -43,7 +45,7 @@ def write_task(directory: Path, splits: dict[str, list[str]], header: str, task_
 def keyword_splits(train_label: int | None = None) -> dict[str, list[str]]:
     """Eight random Wikipedia words with "excellent" (label 1) or "terrible" (label 0) inserted somewhere: learnable
     from the words alone, whatever the model learnt in pre-training. `train_label` relabels train: one class only."""
-    words = [w for line in (REPO / "data/wiki/validation.txt").open() for w in line.split() if w.isalpha()][:3000]
+    words = [w for line in (BUNDLED / "wiki/validation.txt").open() for w in line.split() if w.isalpha()][:3000]
     rng = random.Random(0)
     splits = {}
     for split, n in (("train", 256), ("dev", 128), ("test", 128)):
@@ -66,17 +68,19 @@ def keyword_task(tmp_path_factory) -> Path:
     return write_task(tmp_path_factory.mktemp("keyword"), keyword_splits(), "sentence\tlabel", KEYWORD_YAML, ".tsv")
 
 
+def settings(**fields) -> FinetuneSpec:
+    """A fine-tuning spec for the in-process helpers, which take the model and task as arguments."""
+    return FinetuneSpec(model="unused", task="unused", **fields)
+
+
 def finetune_cli(*args) -> int:
-    """launchers/finetune.py's main(), in this process."""
-    spec = importlib.util.spec_from_file_location("finetune_cli", REPO / "launchers" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in args])
+    """`tcd-ds finetune`'s main(), in this process."""
+    return finetune_main([str(a) for a in args])
 
 
 @pytest.mark.parametrize("model, seeds", [("teacher", [1]), ("tcd", [1, 2])])
 def test_converted_models_learn_a_learnable_task(converted, keyword_task, tmp_path, model, seeds):
-    """Through launchers/finetune.py at its defaults but a smaller batch (the task is small): well above chance on
+    """Through `tcd-ds finetune` at its defaults but a smaller batch (the task is small): well above chance on
     test with the epoch picked on the held-out slice; an MoE student's logged loss is task + 0.01 x balance."""
     out = tmp_path / "keyword.json"
     assert finetune_cli(converted[model], "--task", keyword_task, "--seeds", *seeds, "--batch-size", 16,
@@ -87,7 +91,7 @@ def test_converted_models_learn_a_learnable_task(converted, keyword_task, tmp_pa
     assert result["train_examples"] == 230 and result["report_split"] == "test"
     for run in result["runs"]:
         assert run["scores"]["test"]["accuracy"] >= 0.9, run  # chance is 0.5
-        assert run["constant_predictions"] == [] and len(run["epochs"]) == FinetuneConfig().epochs
+        assert run["constant_predictions"] == [] and len(run["epochs"]) == FinetuneSpec.model_fields['epochs'].default
         picked = run["epochs"][run["best_epoch"] - 1]
         assert picked["heldout"]["accuracy"] == max(e["heldout"]["accuracy"] for e in run["epochs"])
         assert run["scores"]["dev"] == picked["dev"]
@@ -148,7 +152,7 @@ def test_adapters_start_as_the_pretrained_model_and_train_alone(converted, keywo
     the head only, never a pre-trained weight of the encoder."""
     task = load_task(str(keyword_task))
     torch.manual_seed(0)
-    model = load_classifier(converted["tcd"], task, FinetuneConfig(), torch.device("cpu")).eval()
+    model = load_classifier(converted["tcd"], task, settings(), torch.device("cpu")).eval()
     tokenizer = AutoTokenizer.from_pretrained(converted["tcd"])
     batch = collate(tokenizer, encode(tokenizer, task.splits["train"][:16], 64), False, torch.device("cpu"))
     before = model(**batch).logits
@@ -172,7 +176,7 @@ def test_adapters_start_as_the_pretrained_model_and_train_alone(converted, keywo
 
 def test_weight_decay_spares_biases_and_layer_norms(converted, keyword_task, tmp_path):
     task = load_task(str(keyword_task))
-    config = FinetuneConfig(mode="adapter", adapter_size=8)
+    config = FinetuneSpec(model=str(converted["tcd"]), task=str(keyword_task), mode="adapter", adapter_size=8)
     model = load_classifier(converted["tcd"], task, config)
     tokenizer = AutoTokenizer.from_pretrained(converted["tcd"])
     trainer = make_trainer(model, tokenizer, task, config, 1, torch.device("cpu"), str(tmp_path), [], {},
@@ -188,13 +192,13 @@ def test_weight_decay_spares_biases_and_layer_norms(converted, keyword_task, tmp
 
 def test_moe_options_freeze_the_router_and_set_the_eval_capacity(converted, keyword_task):
     task = load_task(str(keyword_task))
-    model = load_classifier(converted["tcd"], task, FinetuneConfig(train_router=False, eval_capacity_factor=8.0))
+    model = load_classifier(converted["tcd"], task, settings(train_router=False, eval_capacity_factor=8.0))
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {f"bert.encoder.layer.{i}.output.dense.deepspeed_moe.gate.wg.weight"
                       for i in model.config.moe_layers}
     gates = [block.deepspeed_moe.gate for block in model.moe_blocks().values()]
     assert model.config.eval_capacity_factor == 8.0 and all(g.eval_capacity_factor == 8.0 for g in gates)
-    default = load_classifier(converted["tcd"], task, FinetuneConfig())
+    default = load_classifier(converted["tcd"], task, settings())
     assert all(p.requires_grad for p in default.parameters())
     assert default.config.eval_capacity_factor == AutoConfig.from_pretrained(converted["tcd"]).eval_capacity_factor
 
@@ -238,7 +242,7 @@ def test_glue_tasks_map_the_hubs_columns_and_splits(name):
 
 
 def test_bundled_movie_review_task_loads_with_its_split():
-    task = load_task(str(REPO / "data" / "tasks" / "movie_reviews"))
+    task = load_task(str(BUNDLED / "tasks" / "movie_reviews"))
     sizes = {split: len(examples) for split, examples in task.splits.items()}
     assert sizes == {"train": 8087, "dev": 978, "test": 1007}
     for examples in task.splits.values():
@@ -263,7 +267,7 @@ def test_bundled_task_files_are_what_the_builder_makes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for name in ("movie_reviews/train.tsv", "movie_reviews/dev.tsv", "movie_reviews/test.tsv",
                  "nyt_editorials/sentences.txt"):
-        assert (tmp_path / name).read_bytes() == (REPO / "data" / "tasks" / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (BUNDLED / "tasks" / name).read_bytes(), name
 
 
 def test_converted_student_fine_tunes_under_transformers_trainer(converted, keyword_task, tmp_path):

@@ -14,6 +14,7 @@ from conftest import (
     LOSSES, REPO, STUDENT_MOE, STUDENT_TCD, TEACHER, fast, final_weights, free_port, launch, losses_by_step,
 )
 from tcd_ds.train.metrics import read_metrics
+from tcd_ds.resources import BUNDLED
 
 
 def test_teacher_run_trains_logs_and_checkpoints(teacher_run):
@@ -103,7 +104,7 @@ def test_zero_relation_weights_give_the_moe_baseline(tmp_path, cache_dir, teache
 
 def test_teacher_of_another_shape_is_refused_before_start(teacher_run):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "launchers" / "pretrain.py"), "--spec", str(STUDENT_TCD), "--dry-run", "--world-size=2",
+        [sys.executable, "-m", "tcd_ds.cli.pretrain", "--spec", str(STUDENT_TCD), "--dry-run", "--world-size=2",
          f"--distill.teacher={teacher_run}", "--model.hidden_size=32", "--data.tokenizer.vocab_size=1500"],
         capture_output=True, text=True, cwd=REPO,
     )
@@ -117,7 +118,7 @@ def test_teacher_with_another_tokenizer_is_refused_before_training(tmp_path, cac
     run_dir = tmp_path / "student"
     proc = launch(
         STUDENT_TCD, *fast(run_dir, cache_dir), f"--distill.teacher={teacher_run}",
-        f"--data.train=[{REPO / 'data' / 'wiki' / 'validation.txt'}]", check=False,
+        f"--data.train=[{BUNDLED / 'wiki' / 'validation.txt'}]", check=False,
     )
     assert proc.returncode != 0
     assert "tokenizer: vocabularies differ" in proc.stderr + proc.stdout

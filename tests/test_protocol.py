@@ -1,4 +1,4 @@
-"""launchers/reproduce.py, the one-command protocol, at the tiny preset: the table (with the from-scratch row) and
+"""`tcd-ds reproduce`, the one-command protocol, at the tiny preset: the table (with the from-scratch row) and
 the plots, jobs in two slots scoring as in one, finished stages skipped on rerun, changed settings rerun
 downstream, the ablation switch and the preset's checks.
 
@@ -23,8 +23,9 @@ from tcd_ds.protocol.slots import make_slots
 from tcd_ds.protocol.stages import Stage, StageFailed, command, run_stages
 from tcd_ds.spec import SpecError
 from tcd_ds.train.metrics import read_metrics
+from tcd_ds.resources import PRESETS
 
-TINY = REPO / "ds_configs" / "protocol_tiny.yaml"
+TINY = PRESETS / "protocol_tiny.yaml"
 BUDGET = "--train.steps=8, --logging.every=1, --train.eval_every=4, --checkpoint.every=4"  # conftest's fast()
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -35,7 +36,7 @@ def given_runs(teacher_run: Path, tcd_run: Path, cache_dir: Path) -> list[str]:
 
 
 def reproduce(out: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "launchers" / "reproduce.py"), "--preset", str(TINY), "--out", str(out), *args]
+    cmd = [sys.executable, "-m", "tcd_ds.cli.reproduce", "--preset", "tiny", "--out", str(out), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
@@ -219,7 +220,7 @@ def test_ablating_the_only_enabled_location_is_refused():
     (f"--tcd.overrides=[{BUDGET}, --model.moe.num_experts=2]", "they differ in: model"),
     ("--ablate=[nowhere]", "ablate"),
     ("--finetune.seeds=[]", "finetune.seeds"),
-    ("--finetune.lr_full=inf", "finetune.lr_full: Input should be a finite number"),
+    ("--finetune.lr=inf", "finetune.lr: Input should be a finite number"),
 ])
 def test_preset_refuses_an_unfair_or_invalid_comparison(override, message):
     with pytest.raises(SpecError, match=message):
@@ -236,8 +237,8 @@ def test_the_cluster_preset_is_a_fair_comparison(tmp_path):
     (here a stand-in: its spec and a tokenizer directory), the preset passes every check."""
     teacher = tmp_path / "teacher_small"
     (teacher / "tokenizer").mkdir(parents=True)
-    (teacher / "spec.yaml").write_text((REPO / "ds_configs" / "teacher_small.yaml").read_text())
-    preset_file = REPO / "ds_configs" / "protocol_small.yaml"
+    (teacher / "spec.yaml").write_text((PRESETS / "teacher_small.yaml").read_text())
+    preset_file = PRESETS / "protocol_small.yaml"
     with pytest.raises(SpecError, match="teacher: runs/teacher_small not found"):
         load_preset(preset_file)
     tokenizer = f"--data.tokenizer.path={teacher / 'tokenizer'}"

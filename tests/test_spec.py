@@ -9,8 +9,10 @@ import pytest
 import yaml
 
 from conftest import REPO
-from tcd_ds.train.ds_config import check_world_size, deepspeed_config
+from tcd_ds.checks import check_files, check_spec
+from tcd_ds.train.ds_config import deepspeed_config
 from tcd_ds.spec import SpecError, load_spec
+from tcd_ds.resources import PRESETS
 
 
 @pytest.fixture
@@ -36,7 +38,7 @@ def spec_file(tmp_path, text_files):
 
 def run_launcher(*args):
     return subprocess.run(
-        [sys.executable, str(REPO / "launchers" / "pretrain.py"), *args], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "tcd_ds.cli.pretrain", *args], capture_output=True, text=True, cwd=REPO
     )
 
 
@@ -72,7 +74,6 @@ def test_false_booleans(spec_file, text):
         ({"zero_optimisation": {"stage": 2}}, [], "zero_optimisation: unknown key"),
         ({"model": {"hidden_size": 100, "num_heads": 3}}, [], "hidden_size (100) must be divisible by num_heads (3)"),
         ({}, ["--optim.lr=-1"], "optim.lr: Input should be greater than 0 (got '-1')"),
-        ({}, ["--data.train=[/no/such/file.txt]"], "data path(s) not found: /no/such/file.txt"),
         ({"parallel": {"zero_stage": 3}}, [], "parallel.zero_stage: ZeRO stage 3 is not supported"),
         ({"train": {"global_batch_size": 10, "micro_batch_size": 4}}, [], "global_batch_size (10) must be a multiple"),
         ({"model": {"moe": {"num_experts": 6, "ep_size": 4}}}, [], "num_experts (6) must be divisible by ep_size (4)"),
@@ -93,10 +94,20 @@ def test_invalid_spec_exits_2_without_traceback(spec_file):
     assert "optim.lr" in proc.stderr
 
 
+def test_the_schema_reads_no_file_and_the_file_check_names_each_missing_one(spec_file):
+    spec = load_spec(spec_file(), ["--data.train=[/no/such/file.txt]", "--data.validation=[/no/val.txt]"])
+    with pytest.raises(SpecError) as err:
+        check_files(spec)
+    assert err.value.problems == ["data.train: no such file or directory: /no/such/file.txt",
+                                  "data.validation: no such file or directory: /no/val.txt"]
+    proc = run_launcher("--spec", spec_file(), "--data.train=/no/such/file.txt", "--dry-run")
+    assert proc.returncode == 2 and "data.train: no such file or directory: /no/such/file.txt" in proc.stderr
+
+
 def test_world_size_not_divisible_by_ep_size_is_refused(spec_file):
     spec = load_spec(spec_file(model={"moe": {"num_experts": 4, "ep_size": 2}}, train={"global_batch_size": 24, "micro_batch_size": 8}))
-    with pytest.raises(ValueError, match="world size 3 is not divisible by model.moe.ep_size"):
-        check_world_size(spec, 3)
+    with pytest.raises(SpecError, match="world size 3 is not divisible by model.moe.ep_size"):
+        check_spec(spec, 3)
     proc = run_launcher("--spec", spec_file(model={"moe": {"num_experts": 4, "ep_size": 2}}), "--dry-run", "--world-size=3")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
@@ -128,7 +139,7 @@ def test_print_schema_is_json_schema():
     assert "zero_stage" in json.dumps(schema)
 
 
-RUN_PRESETS = sorted(p.name for p in (REPO / "ds_configs").glob("*.yaml") if not p.name.startswith("protocol_"))
+RUN_PRESETS = sorted(p.name for p in (PRESETS).glob("*.yaml") if not p.name.startswith("protocol_"))
 
 
 @pytest.mark.parametrize("preset", RUN_PRESETS)
@@ -136,13 +147,13 @@ def test_bundled_presets_are_valid(preset, tmp_path, monkeypatch):
     """Every preset validates; teacher runs and tokenizers that a preset expects from an earlier run are
     stood in for by an empty directory (the spec checks only that they exist)."""
     monkeypatch.chdir(REPO)
-    raw = yaml.safe_load((REPO / "ds_configs" / preset).read_text())
+    raw = yaml.safe_load((PRESETS / preset).read_text())
     overrides = []
     if "distill" in raw:
         overrides.append(f"--distill.teacher={tmp_path}")
     if raw.get("data", {}).get("tokenizer", {}).get("path"):
         overrides.append(f"--data.tokenizer.path={tmp_path}")
-    spec = load_spec(REPO / "ds_configs" / preset, overrides)
+    spec = load_spec(PRESETS / preset, overrides)
     world_size = spec.model.moe.ep_size * (1 if spec.model.moe.ep_size > 1 else 2) if spec.model.moe else 2
-    check_world_size(spec, world_size)
+    check_spec(spec, world_size)
     assert deepspeed_config(spec, world_size)["train_batch_size"] == spec.train.global_batch_size

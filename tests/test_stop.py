@@ -11,8 +11,9 @@ import psutil
 from conftest import LAUNCH_ENV, REPO, launch_command
 from tcd_ds.train.metrics import read_metrics
 from test_wandb import launch_with_env, read_wandb_records
+from tcd_ds.resources import PRESETS
 
-TEACHER = REPO / "ds_configs" / "teacher_tiny.yaml"
+TEACHER = PRESETS / "teacher_tiny.yaml"
 
 
 def alive(procs: list[psutil.Process]) -> list[psutil.Process]:

@@ -16,16 +16,15 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 from conftest import REPO, free_port
 from tcd_ds.spec import load_spec
 from tcd_ds.train.metrics import read_metrics
+from tcd_ds.cli import sweep as sweep_local
+from tcd_ds.resources import PRESETS, find_file
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # sweeps 0.2.0's pydantic-1 style model
     from sweeps import RunState, SweepConfig, stop_runs
 
-_tool = importlib.util.spec_from_file_location("sweep_local", REPO / "tools" / "sweep_local.py")
-sweep_local = importlib.util.module_from_spec(_tool)
-_tool.loader.exec_module(sweep_local)
 
-SWEEP_FILES = sorted((REPO / "ds_configs" / "sweeps").glob("*.yaml"))
+SWEEP_FILES = sorted((PRESETS / "sweeps").glob("*.yaml"))
 
 
 def candidates(param: dict) -> list:
@@ -41,12 +40,12 @@ def test_shipped_sweep_files_are_valid_and_their_parameters_exist(path, tmp_path
     sweep = yaml.safe_load(path.read_text())
     SweepConfig(sweep)  # W&B's sweep schema
     command = sweep["command"]
-    assert command[:2] == ["${env}", "deepspeed"] and "${program}" in command and command[-1] == "${args}"
-    assert Path(REPO / sweep["program"]).is_file()
-    spec_file = REPO / command[command.index("--spec") + 1]
+    assert command[:2] == ["${env}", "deepspeed"] and command[-1] == "${args}"
+    assert command[command.index("--module") + 1] == "tcd_ds.cli.pretrain"  # runs from an installed wheel
+    spec_file = find_file(command[command.index("--spec") + 1], "spec")
     fixed = [arg for arg in command[command.index("--spec") + 2:-1]]
     if "distill" in yaml.safe_load(spec_file.read_text()):
-        fixed.append(f"--distill.teacher={tmp_path}")  # the spec checks only that the teacher exists
+        fixed.append(f"--distill.teacher={tmp_path}")
     for name, param in sweep["parameters"].items():
         for value in candidates(param):
             (arg,) = create_sweep_command_args({"args": {name: {"value": value}}})["args"]  # the agent's form
@@ -96,13 +95,12 @@ def test_hyperband_stops_a_trial_behind_the_finished_ones():
 
 def test_local_sweep_of_two_trials_ranks_them_by_the_metric(tmp_path, cache_dir):
     sweep = {
-        "program": "launchers/pretrain.py",
         "method": "grid",
         "metric": {"name": "val/loss/mlm", "goal": "minimize"},
         "parameters": {"optim.lr": {"values": [0.01, 1.0e-6]}},
         "command": [
             "${env}", sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=2",
-            f"--master_port={free_port()}", "${program}", "--spec", "ds_configs/teacher_tiny.yaml",
+            f"--master_port={free_port()}", "--module", "tcd_ds.cli.pretrain", "--spec", "teacher_tiny",
             f"--data.cache_dir={cache_dir}", "--train.steps=6", "--train.eval_every=3", "--logging.every=3",
             "--checkpoint.every=6", "--optim.warmup_steps=1", "--logging.wandb.enabled=True",
             "--logging.wandb.mode=online", "${args}",  # the driver's offline must win: there is no network

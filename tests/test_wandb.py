@@ -1,7 +1,6 @@
 """W&B: a 2-rank offline run writes exactly one W&B run mirroring metrics.jsonl, with the resolved spec as config
 and no API key anywhere; what `wandb agent` hands a trial (its ${args}, its parameter file) changes the spec."""
 
-import importlib.util
 import json
 import struct
 import subprocess
@@ -18,11 +17,10 @@ from conftest import LAUNCH_ENV, REPO, launch_command
 from tcd_ds.spec import load_spec
 from tcd_ds.train.metrics import read_metrics
 from tcd_ds.train.wandb_run import agent_overrides
+from tcd_ds.cli import pretrain
+from tcd_ds.resources import PRESETS
 
-TEACHER = REPO / "ds_configs" / "teacher_tiny.yaml"
-_launcher = importlib.util.spec_from_file_location("pretrain_launcher", REPO / "launchers" / "pretrain.py")
-pretrain = importlib.util.module_from_spec(_launcher)
-_launcher.loader.exec_module(pretrain)
+TEACHER = PRESETS / "teacher_tiny.yaml"
 SECRET = "tcdtest" + "0123456789abcdef" * 2 + "4242"  # an API key's shape (40 characters)
 
 
@@ -120,7 +118,7 @@ AGENT_PARAMS = {
     "optim.lr": {"value": 3e-05},
     "logging.wandb.tags": {"value": ["sweep", "moe"]},
 }
-STUDENT_MOE = str(REPO / "ds_configs" / "student_tiny_moe.yaml")
+STUDENT_MOE = str(PRESETS / "student_tiny_moe.yaml")
 
 
 def agent_args(params: dict) -> list[str]:
@@ -174,7 +172,7 @@ def test_launcher_applies_param_file_and_agent_args(agent_param_file, capsys, mo
 def test_agent_args_set_relation_weights_and_switch_attention_off(tmp_path):
     teacher = tmp_path / "teacher"
     teacher.mkdir()
-    tcd = REPO / "ds_configs" / "student_tiny_tcd.yaml"
+    tcd = PRESETS / "student_tiny_tcd.yaml"
     args = agent_args({"distill.trunk.weight": {"value": 0.5}, "distill.attention.enabled": {"value": False}})
     assert args == ["--distill.trunk.weight=0.5", "--distill.attention.enabled=False"]
     before = load_spec(tcd, [f"--distill.teacher={teacher}"]).distill

@@ -4,7 +4,7 @@ Per seed: a fresh classifier on the pre-trained encoder (full fine-tuning, or ad
 HF's AdamW (weight decay on weights only: no biases, no LayerNorm) with linear warm-up and decay, gradient
 clipping, length-bucketed batches (`train_sampling_strategy="group_by_length"`), bf16 on a GPU and fp32 on CPU,
 an evaluation after each epoch, and one epoch's weights (kept in memory, never written to disk) scored on every
-evaluation split. Which epoch is `FinetuneConfig.selection`:
+evaluation split. Which epoch is `FinetuneSpec.selection` (tcd_ds/downstream/spec.py):
 
 - `heldout` (default): the best score on a slice held out from train (fixed, the same for every model and seed;
   it is not trained on), so the reported splits never grade their own selection;
@@ -13,7 +13,7 @@ evaluation split. Which epoch is `FinetuneConfig.selection`:
 
 For an MoE model the loss is the task loss plus `balance_weight * balance loss`, as in pre-training (the model's
 own `loss`, HF's MoE convention): the weight is the model's own (`config.balance_weight`, from the run spec)
-unless `FinetuneConfig.balance_weight` overrides it (0 turns it off). Each epoch records the loss trained on, the
+unless `FinetuneSpec.balance_weight` overrides it (0 turns it off). Each epoch records the loss trained on, the
 task loss (recomputed from the logits) and the unweighted balance loss.
 
 A run whose predictions on a split are all one class (or one value) says so loudly: in the log and in the
@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,42 +37,12 @@ from transformers.utils import logging as hf_logging
 
 from tcd_ds.downstream.adapters import add_adapters
 from tcd_ds.downstream.metrics import compute
+from tcd_ds.downstream.spec import FinetuneSpec
 from tcd_ds.downstream.tasks import Example, Task
 from tcd_ds.models import register_auto_classes
 
 HELDOUT = "heldout"  # the name of the selection slice among the evaluated splits
 ROUTER = ".gate.wg."  # the MoE gate's weight in a converted student (output.dense.deepspeed_moe.gate.wg.weight)
-
-
-@dataclass
-class FinetuneConfig:
-    """Defaults that make the model sizes we ship learn (H 64-128, 2-12 layers); for BERT-base, use the usual
-    lr 2e-5 to 5e-5 (adapters: 1e-4 to 1e-3) and 3 epochs."""
-
-    mode: Literal["full", "adapter"] = "full"
-    epochs: int = 5
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    grad_clip: float = 1.0
-    max_length: int = 128
-    adapter_size: int = 64
-    balance_weight: float | None = None  # None: the MoE model's config.balance_weight
-    max_train_examples: int | None = None  # a fixed random subset (the same for every model and seed), for speed
-    selection: Literal["heldout", "dev", "last"] = "heldout"
-    heldout_fraction: float = 0.1  # of train, at most heldout_max_examples, taken out of training
-    heldout_max_examples: int = 1000
-    eval_capacity_factor: float | None = None  # MoE: expert capacity in eval (None: the model's)
-    train_router: bool = True  # MoE, full mode: train the router (gate) or keep it as pre-trained
-    report_to: list[str] = field(default_factory=list)  # e.g. ["wandb"]; none by default
-
-    def __post_init__(self):
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio {self.warmup_ratio} outside [0, 1)")
-        if not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction {self.heldout_fraction} outside (0, 1)")
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_length: int) -> list[dict]:
@@ -91,7 +59,7 @@ def collate(tokenizer: PreTrainedTokenizerBase, rows: list[dict], regression: bo
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def split_train(examples: list[Example], config: FinetuneConfig) -> tuple[list[Example], list[Example]]:
+def split_train(examples: list[Example], config: FinetuneSpec) -> tuple[list[Example], list[Example]]:
     """(training examples, held-out selection slice): fixed draws (seed 0) that depend only on the task and the
     config, so every model and seed sees the same ones. Without `heldout` selection nothing is held out."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
@@ -105,7 +73,7 @@ def split_train(examples: list[Example], config: FinetuneConfig) -> tuple[list[E
     return [examples[i] for i in sorted(pool)], [examples[i] for i in heldout]
 
 
-def load_classifier(model_dir: str | Path, task: Task, config: FinetuneConfig,
+def load_classifier(model_dir: str | Path, task: Task, config: FinetuneSpec,
                     device: torch.device | None = None) -> PreTrainedModel:
     """The converted model with a new head; adapters, balance weight, eval capacity and router as configured."""
     regression = task.spec.kind == "regression"
@@ -241,13 +209,13 @@ def metrics_function(task: Task):
     return metrics
 
 
-def training_arguments(config: FinetuneConfig, seed: int, device: torch.device, output_dir: str,
+def training_arguments(config: FinetuneSpec, seed: int, device: torch.device, output_dir: str,
                        run_name: str) -> TrainingArguments:
     """Evaluation every epoch, nothing saved (the selected epoch's weights stay in memory), no progress bars."""
     gpu = device.type == "cuda"
     args = TrainingArguments(
         output_dir=output_dir, run_name=run_name, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size, learning_rate=config.lr, weight_decay=config.weight_decay,
+        per_device_eval_batch_size=config.eval_batch_size, learning_rate=config.lr_for(config.mode), weight_decay=config.weight_decay,
         lr_scheduler_type="linear", warmup_steps=config.warmup_ratio, max_grad_norm=config.grad_clip,
         seed=seed, data_seed=seed, bf16=gpu and torch.cuda.is_bf16_supported(), use_cpu=not gpu,
         train_sampling_strategy="group_by_length", eval_strategy="epoch", save_strategy="no",
@@ -259,7 +227,7 @@ def training_arguments(config: FinetuneConfig, seed: int, device: torch.device, 
     return args
 
 
-def make_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, config: FinetuneConfig,
+def make_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, config: FinetuneSpec,
                  seed: int, device: torch.device, output_dir: str, train_rows: list[dict],
                  eval_sets: dict[str, list[dict]], tally: LossTally, callbacks: list[TrainerCallback] = ()):
     """The Trainer of one seed: HF's optimizer (decay on weights only), schedule, sampler and evaluation loop."""
@@ -273,7 +241,7 @@ def make_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tas
     return trainer
 
 
-def train_one_seed(model_dir: str | Path, task: Task, config: FinetuneConfig, seed: int, device: torch.device,
+def train_one_seed(model_dir: str | Path, task: Task, config: FinetuneSpec, seed: int, device: torch.device,
                    tokenizer: PreTrainedTokenizerBase, encoded: dict[str, list[dict]], log=print) -> dict:
     """Train for `config.epochs`, evaluating after each; then every evaluation split at the selected epoch."""
     set_seed(seed)  # the new head's initialisation; Trainer seeds dropout and the batch order
@@ -331,9 +299,9 @@ SELECTION_RULES = {
 }
 
 
-def finetune(model_dir: str | Path, task: Task, config: FinetuneConfig, seeds: list[int],
-             device: torch.device, log=print) -> dict:
-    """Fine-tune `model_dir` on `task` once per seed; the result is what `launchers/finetune.py` writes as JSON."""
+def finetune(config: FinetuneSpec, task: Task, device: torch.device, log=print) -> dict:
+    """Fine-tune `config.model` on `task` once per seed; the result is what `tcd-ds finetune` writes as JSON."""
+    model_dir, seeds = config.model, config.seeds
     register_auto_classes()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     max_length = min(config.max_length, AutoConfig.from_pretrained(str(model_dir)).max_position_embeddings)
@@ -367,6 +335,6 @@ def finetune(model_dir: str | Path, task: Task, config: FinetuneConfig, seeds: l
         "selection": config.selection, "selection_rule": rule, "heldout_examples": len(heldout),
         "train_examples": len(encoded["train"]),
         "constant_prediction_seeds": [run["seed"] for run in runs if split in run["constant_predictions"]],
-        "config": asdict(config), "summary": summarise(runs, task), "runs": runs,
+        "config": config.model_dump(mode="json"), "summary": summarise(runs, task), "runs": runs,
     }
 

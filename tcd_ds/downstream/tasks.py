@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tcd_ds.downstream.metrics import METRICS
+from tcd_ds.resources import bundled_tasks
 
 
 @dataclass(frozen=True)
@@ -163,9 +164,13 @@ def glue_task(name: str, data) -> Task:
 
 
 def load_task(name_or_dir: str) -> Task:
-    """A local task directory (with task.yaml), else a GLUE task by name."""
+    """A local task directory (with task.yaml), else a bundled task by name, else a GLUE task by name."""
     if Path(name_or_dir).is_dir():
         return load_local_task(Path(name_or_dir))
+    bundled = bundled_tasks()
+    if name_or_dir in bundled:
+        return load_local_task(bundled[name_or_dir])
     if name_or_dir in GLUE:
         return load_glue_task(name_or_dir)
-    raise TaskError(f"{name_or_dir}: neither a task directory nor a GLUE task ({', '.join(GLUE)})")
+    raise TaskError(f"{name_or_dir}: neither a task directory, a bundled task ({', '.join(bundled)}) nor a GLUE "
+                    f"task ({', '.join(GLUE)})")

@@ -1,7 +1,7 @@
 """The protocol as stages: pre-train teacher, MoE baseline, MoE+TCD (and one TCD run per ablated relation
 location) -> convert each to Hugging Face (and write the from-scratch row: the teacher's shape, random weights)
 -> MLM probe on out-of-domain text -> fine-tune on each task and mode. Probes and fine-tunings are jobs
-(launchers/probe.py, launchers/finetune.py), run side by side in the preset's device slots.
+(`tcd-ds probe`, `tcd-ds finetune`, started by module), run side by side in the preset's device slots.
 
 Layout of the output directory:
     pretrain/<model>/        run directories (a given `run` is used where it is)
@@ -19,12 +19,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tcd_ds.protocol.preset import Finetuning, Preset, Pretraining, Probe
+from tcd_ds.downstream.spec import FinetuneSpec, ProbeSpec
+from tcd_ds.protocol.preset import Finetuning, Preset, Pretraining
 from tcd_ds.protocol.stages import Stage, command, in_process
 from tcd_ds.rundir import RunDir
+from tcd_ds.spec import as_overrides
 from tcd_ds.train.launch import deepspeed_command
 
-LAUNCHERS = Path(__file__).resolve().parents[2] / "launchers"
 SCRATCH = "scratch"
 
 
@@ -47,10 +48,10 @@ def task_name(task: str) -> str:
 
 
 def pretrain_stage(name: str, spec: str, overrides: list[str], run_dir: Path, preset: Preset, inputs: dict) -> Stage:
-    """`deepspeed ... launchers/pretrain.py --spec SPEC --overrides...`, exactly as a user runs it. Like torchrun,
+    """`deepspeed ... --module tcd_ds.cli.pretrain --spec SPEC --overrides...`, exactly as a user runs it. Like torchrun,
     one OpenMP thread per rank unless OMP_NUM_THREADS says otherwise (ranks share the node's cores)."""
     overrides = [*overrides, f"--run_dir={run_dir}", "--logging.progress_bar=False"]
-    key = {"spec": spec, "spec_sha256": file_digest(spec), "overrides": overrides, "deepspeed": preset.deepspeed,
+    key = {"spec_sha256": file_digest(spec), "overrides": overrides, "deepspeed": preset.deepspeed,
            **inputs}
     env = {"OMP_NUM_THREADS": "1", **os.environ}
 
@@ -66,7 +67,7 @@ def pretrained_model(name: str, source: Pretraining, preset: Preset, out: Path, 
         run = RunDir(source.run)
         key = {"run": str(run.path.resolve()), "checkpoint": run.latest_tag()}
         return Model(name, run.path, key, None)
-    spec = source.spec if source.run is None else str(RunDir(source.run).spec_file)
+    spec = str(source.spec_file())
     overrides = [*(source.overrides if source.run is None else []), *extra]
     run_dir = out / "pretrain" / name
     stage = pretrain_stage(name, spec, overrides, run_dir, preset, inputs or {})
@@ -109,39 +110,25 @@ def scratch_stage(teacher_hf: Path, hf_dir: Path, key: dict) -> Stage:
     return Stage("init scratch", key, in_process(run), [hf_dir])
 
 
-def probe_stage(model: str, hf_dir: Path, probe: Probe, out: Path, key: dict) -> Stage:
-    """launchers/probe.py: the out-of-domain MLM probe (a forward pass over a few hundred blocks), a job."""
+def job_command(module: str, spec: FinetuneSpec | ProbeSpec) -> list[str]:
+    """`python -m MODULE --key=value ...`: a job's command with every setting of its spec spelled out."""
+    return [sys.executable, "-m", module, *as_overrides(spec)]
+
+
+def probe_stage(model: str, hf_dir: Path, preset: Preset, out: Path, key: dict) -> Stage:
+    """`tcd-ds probe`: the out-of-domain MLM probe (a forward pass over a few hundred blocks), a job."""
     result_file = probe_result(out, model)
-    argv = [sys.executable, str(LAUNCHERS / "probe.py"), str(hf_dir), *probe.files, "--name", probe.name,
-            "--seq-len", str(probe.seq_len), "--cache-dir", probe.cache_dir, "--out", str(result_file)]
-    return Stage(f"probe {model}", key, command(argv), [result_file], job=True)
-
-
-def finetune_command(hf_dir: Path, task: str, mode: str, ft: Finetuning, result_file: Path) -> list[str]:
-    """launchers/finetune.py with the preset's settings for this task and mode."""
-    lr = ft.lr_full if mode == "full" else ft.lr_adapter
-    argv = [sys.executable, str(LAUNCHERS / "finetune.py"), str(hf_dir), "--task", task, "--mode", mode,
-            "--seeds", *map(str, ft.seeds), "--epochs", str(ft.epochs), "--batch-size", str(ft.batch_size),
-            "--lr", repr(lr), "--warmup-ratio", repr(ft.warmup_ratio), "--adapter-size", str(ft.adapter_size),
-            "--max-length", str(ft.max_length), "--selection", ft.selection,
-            "--heldout-fraction", repr(ft.heldout_fraction), "--heldout-max-examples", str(ft.heldout_max_examples),
-            "--out", str(result_file)]
-    if ft.max_train_examples is not None:
-        argv += ["--max-train-examples", str(ft.max_train_examples)]
-    if ft.balance_weight is not None:
-        argv += ["--balance-weight", repr(ft.balance_weight)]
-    if ft.eval_capacity_factor is not None:
-        argv += ["--eval-capacity-factor", repr(ft.eval_capacity_factor)]
-    if not ft.train_router:
-        argv.append("--freeze-router")
-    return argv
+    spec = ProbeSpec(**preset.probe.model_dump(), model=str(hf_dir), out=str(result_file))
+    return Stage(f"probe {model}", key, command(job_command("tcd_ds.cli.probe", spec)), [result_file], job=True)
 
 
 def finetune_stage(model: str, hf_dir: Path, task: str, mode: str, ft: Finetuning, out: Path, key: dict) -> Stage:
-    """launchers/finetune.py's fine-tuning over the preset's seeds, a job."""
+    """`tcd-ds finetune` with the preset's settings for this task and mode, over the preset's seeds, a job."""
     result_file = finetune_result(out, model, task, mode)
-    argv = finetune_command(hf_dir, task, mode, ft, result_file)
-    return Stage(f"finetune {model} {task_name(task)} {mode}", key, command(argv), [result_file], job=True)
+    spec = FinetuneSpec(**ft.model_dump(exclude={"tasks", "modes"}), model=str(hf_dir), task=task, mode=mode,
+                        out=str(result_file))
+    return Stage(f"finetune {model} {task_name(task)} {mode}", key, command(job_command("tcd_ds.cli.finetune", spec)),
+                 [result_file], job=True)
 
 
 def stages(preset: Preset, out: Path) -> tuple[list[Model], list[Stage]]:
@@ -157,7 +144,7 @@ def stages(preset: Preset, out: Path) -> tuple[list[Model], list[Stage]]:
         result.append(scratch_stage(out / "hf" / "teacher", out / "hf" / SCRATCH, key))
     for m in rows:
         key = {"model": convert_keys[m.name], "probe": preset.probe.model_dump()}
-        result.append(probe_stage(m.name, out / "hf" / m.name, preset.probe, out, key))
+        result.append(probe_stage(m.name, out / "hf" / m.name, preset, out, key))
     ft = preset.finetune
     settings = ft.model_dump(exclude={"tasks", "modes"})
     for m in rows:

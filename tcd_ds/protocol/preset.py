@@ -1,7 +1,10 @@
 """A protocol preset: which pre-training specs (with which overrides), fine-tuning tasks and seeds, probe text.
 
-One YAML file (ds_configs/protocol_*.yaml) that reuses the pre-training presets with overrides rather than
-copying them; like the run spec it refuses unknown keys and takes `--dotted.key=value` overrides.
+One YAML file (a shipped preset by name, `--preset demo`, or a path) that reuses the pre-training specs with
+overrides rather than copying them, and embeds the fine-tuning and probe commands' settings as they are; like the
+run spec it refuses unknown keys and takes `--dotted.key=value` overrides. The schema is pure; `check_preset`
+reads what the preset names (every stage's spec with its overrides, the tasks, the probe text) before the first
+stage starts.
 """
 
 from __future__ import annotations
@@ -11,17 +14,21 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
+from tcd_ds.checks import check_files, check_spec, check_text_files
+from tcd_ds.downstream.spec import FinetuneSettings, Mode, ProbeSettings
+from tcd_ds.downstream.tasks import GLUE, TaskError, load_task
 from tcd_ds.rundir import RunDir
 from tcd_ds.spec import (
-    RELATION_LOCATIONS, DistillSpec, RelationLocation, RunSpec, Section, SpecError, apply_overrides, read_yaml_mapping,
+    RELATION_LOCATIONS, RelationLocation, RunSpec, Section, SpecError, apply_overrides, find_spec_file,
+    read_yaml_mapping, validate,
 )
 
 
 class Pretraining(Section):
-    """A pre-training run: a run spec with overrides, trained by the protocol, or an existing run directory of
-    ours (`run`), used as it is."""
+    """A pre-training run: a run spec (a path or a shipped spec's name) with overrides, trained by the protocol,
+    or an existing run directory of ours (`run`), used as it is."""
 
     spec: str | None = None
     overrides: list[str] = []
@@ -31,43 +38,29 @@ class Pretraining(Section):
     def _one_source(self) -> Pretraining:
         if (self.spec is None) == (self.run is None):
             raise ValueError("give a run spec (spec) or an existing run directory (run), not both or neither")
-        source = Path(self.spec or self.run)
-        if not source.exists():
-            raise ValueError(f"{source} not found (relative to {os.getcwd()})")
-        if self.run is not None and not RunDir(source).spec_file.is_file():
-            raise ValueError(f"{source} is not a run directory of ours (no spec.yaml)")
         return self
+
+    def spec_file(self) -> Path:
+        """The spec file the run starts from: the named spec, or a given run's resolved spec."""
+        if self.run is not None:
+            path = RunDir(self.run).spec_file
+            if not path.is_file():
+                raise SpecError([f"run: {self.run} is not a run directory of ours (no spec.yaml)"])
+            return path
+        return find_spec_file(self.spec)
 
     def raw_spec(self) -> dict:
         """The run's spec as a raw mapping: the spec file with the overrides applied, or the run's resolved spec."""
         if self.run is not None:
-            return yaml.safe_load(RunDir(self.run).spec_file.read_text())
-        return apply_overrides(yaml.safe_load(Path(self.spec).read_text()) or {}, self.overrides)
+            return yaml.safe_load(self.spec_file().read_text())
+        return apply_overrides(read_yaml_mapping(self.spec_file()), list(self.overrides))
 
 
-class Finetuning(Section):
-    """launchers/finetune.py's settings (tcd_ds.downstream.finetune.FinetuneConfig), per task and mode."""
+class Finetuning(FinetuneSettings):
+    """The fine-tuning command's settings (tcd_ds.downstream.spec.FinetuneSettings), for each task and mode."""
 
-    tasks: Annotated[list[str], Field(min_length=1)] = ["data/tasks/movie_reviews"]
-    modes: Annotated[list[Literal["full", "adapter"]], Field(min_length=1)] = ["full"]
-    seeds: Annotated[list[int], Field(min_length=1)] = [1, 2, 3]
-    epochs: Annotated[int, Field(gt=0)] = 5
-    batch_size: Annotated[int, Field(gt=0)] = 32
-    lr_full: Annotated[float, Field(gt=0)] = 1e-3
-    lr_adapter: Annotated[float, Field(gt=0)] = 1e-3
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    adapter_size: Annotated[int, Field(gt=0)] = 64
-    max_length: Annotated[int, Field(gt=0)] = 128
-    max_train_examples: Annotated[int, Field(gt=0)] | None = None
-    balance_weight: Annotated[float, Field(ge=0)] | None = Field(
-        None, description="MoE load-balancing loss weight in fine-tuning; default: the run's; 0: off")
-    selection: Literal["heldout", "dev", "last"] = Field(
-        "heldout", description="the reported epoch: best on a slice held out from train, best on dev, or the last")
-    heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    heldout_max_examples: Annotated[int, Field(gt=0)] = 1000
-    eval_capacity_factor: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="MoE: expert capacity factor in evaluation; default: the converted model's")
-    train_router: bool = Field(True, description="MoE, full mode: train the router (False: keep it as pre-trained)")
+    tasks: Annotated[list[str], Field(min_length=1)] = ["movie_reviews"]
+    modes: Annotated[list[Mode], Field(min_length=1)] = ["full"]
 
 
 class Jobs(Section):
@@ -79,15 +72,6 @@ class Jobs(Section):
     pin: bool = Field(True, description="pin each job to its slot's cores (taskset)")
 
 
-class Probe(Section):
-    """Out-of-domain text for the MLM probe."""
-
-    name: str = "nyt_editorials"
-    files: Annotated[list[str], Field(min_length=1)] = ["data/tasks/nyt_editorials/sentences.txt"]
-    seq_len: Annotated[int, Field(ge=8)] = 128
-    cache_dir: str = ".cache/tcd_ds"
-
-
 class Preset(Section):
     out_dir: str = "runs/protocol"
     deepspeed: list[str] = Field(["--num_gpus", "2"], description="arguments of the `deepspeed` runner")
@@ -97,75 +81,98 @@ class Preset(Section):
     ablate: list[RelationLocation] = Field([], description="relation locations to drop one at a time (extra TCD runs)")
     scratch: bool = Field(True, description="a row with the teacher's shape and random weights, fine-tuned the same way")
     finetune: Finetuning = Field(default_factory=Finetuning)
-    probe: Probe = Field(default_factory=Probe)
+    probe: ProbeSettings = Field(default_factory=ProbeSettings)
     jobs: Jobs = Field(default_factory=Jobs)
-
-    @model_validator(mode="after")
-    def _students_differ_only_by_distillation(self) -> Preset:
-        """The comparison is fair only if the baseline is the TCD student without its teacher: same model, data,
-        optimiser and step budget; and a given TCD run must have been distilled from the given teacher."""
-        moe, tcd = self.moe.raw_spec(), self.tcd.raw_spec()
-        if "distill" not in tcd:
-            raise ValueError("tcd: the spec has no distill section")
-        if "distill" in moe:
-            raise ValueError("moe: the baseline has a distill section")
-        differ = [s for s, (a, b) in zip(COMPARED, zip(comparable(moe), comparable(tcd))) if a != b]
-        if differ:
-            raise ValueError(f"moe and tcd must differ only by distillation; they differ in: {', '.join(differ)}")
-        if self.tcd.run is not None:
-            teacher = Path(tcd["distill"]["teacher"]).resolve()
-            if self.teacher.run is None or teacher != Path(self.teacher.run).resolve():
-                raise ValueError(f"tcd: the given run was distilled from {teacher}, which is not the teacher's run")
-        disabled = [loc for loc in self.ablate if loc not in enabled_locations(tcd["distill"])]
-        if disabled:
-            raise ValueError(f"ablate: {disabled} not enabled in the TCD student, nothing to drop")
-        alone = [loc for loc in self.ablate if not ablated_leaves_some(tcd["distill"], loc)]
-        if alone:
-            raise ValueError(f"ablate: without {alone[0]}, its only enabled location, the TCD student has nothing "
-                             "to distil")
-        return self
 
 
 COMPARED = ("model", "data", "optim", "train", "seed")
 
 
-def comparable(raw: dict) -> tuple:
-    """What must match between the two students, resolved with the spec's defaults (the distill section is left
-    out: its teacher may not exist yet); the data cache's location does not count."""
+def check_preset(preset: Preset) -> dict[str, RunSpec]:
+    """Each pre-training stage's spec with its overrides, validated and checked as its launch will check it, after
+    checking that the comparison is fair: the baseline is the TCD student without its teacher (same model, data,
+    optimiser and step budget), and a given TCD run was distilled from the given teacher. Then the tasks and the
+    probe text. A SpecError names the stage or section and the field."""
+    specs = {name: stage_spec(preset, name) for name in ("teacher", "moe", "tcd")}
+    moe, tcd = specs["moe"], specs["tcd"]
+    if tcd.distill is None:
+        raise SpecError(["tcd: the spec has no distill section"])
+    if moe.distill is not None:
+        raise SpecError(["moe: the baseline has a distill section"])
+    differ = [s for s, (a, b) in zip(COMPARED, zip(comparable(moe), comparable(tcd))) if a != b]
+    if differ:
+        raise SpecError([f"moe and tcd must differ only by distillation; they differ in: {', '.join(differ)}"])
+    if preset.tcd.run is not None:
+        teacher = Path(tcd.distill.teacher).resolve()
+        if preset.teacher.run is None or teacher != Path(preset.teacher.run).resolve():
+            raise SpecError([f"tcd: the given run was distilled from {teacher}, which is not the teacher's run"])
+    disabled = [loc for loc in preset.ablate if loc not in enabled_locations(tcd)]
+    if disabled:
+        raise SpecError([f"ablate: {disabled} not enabled in the TCD student, nothing to drop"])
+    alone = [loc for loc in preset.ablate if not any(l != loc for l in enabled_locations(tcd))]
+    if alone:
+        raise SpecError([f"ablate: without {alone[0]}, its only enabled location, the TCD student has nothing to "
+                         "distil"])
+    for task in preset.finetune.tasks:
+        if task not in GLUE:  # a GLUE task is downloaded by its fine-tuning
+            try:
+                load_task(task)
+            except TaskError as e:
+                raise SpecError([f"finetune.tasks: {e}"]) from None
+    check_text_files(preset.probe.files, "probe.files")
+    return specs
+
+
+def stage_spec(preset: Preset, name: str) -> RunSpec:
+    """A pre-training stage's spec, validated with its overrides and checked (world size, files) before the first
+    stage starts. A TCD student's teacher is checked only if it exists already (else the protocol trains it)."""
+    source: Pretraining = getattr(preset, name)
     try:
-        spec = RunSpec.model_validate({k: v for k, v in raw.items() if k != "distill"})
-    except ValidationError as e:
-        raise ValueError(f"invalid student spec: {e}") from None
+        spec = validate(RunSpec, source.raw_spec())
+        if source.run is None:
+            world_size = runner_world_size(preset.deepspeed)
+            if world_size is not None:
+                check_spec(spec, world_size)
+            teacher_trained_here = spec.distill is not None and preset.teacher.run is None
+            check_files(spec.model_copy(update={"distill": None}) if teacher_trained_here else spec)
+    except SpecError as e:
+        raise SpecError([f"{name}: {line}" for line in e.problems]) from None
+    return spec
+
+
+def runner_world_size(runner_args: list[str]) -> int | None:
+    """The ranks `deepspeed RUNNER_ARGS` starts on one node (`--num_gpus N`); None when it depends on a hostfile."""
+    if any(a.startswith(("--hostfile", "--num_nodes", "--include", "--exclude")) for a in runner_args):
+        return None
+    for i, arg in enumerate(runner_args):
+        if arg.startswith("--num_gpus="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--num_gpus" and i + 1 < len(runner_args):
+            return int(runner_args[i + 1])
+    return None
+
+
+def comparable(spec: RunSpec) -> tuple:
+    """What must match between the two students (the distill section is left out; the data cache's location
+    does not count)."""
     dumped = spec.model_dump()
     dumped["data"].pop("cache_dir")
     return tuple(dumped[s] for s in COMPARED)
 
 
-def enabled_locations(distill: dict) -> list[str]:
-    """The relation locations a raw distill section turns on with a positive weight (the spec's defaults apply)."""
-    resolved = DistillSpec.model_validate({**distill, "teacher": "."})  # the teacher is not needed here
-    return [loc for loc in RELATION_LOCATIONS if getattr(resolved, loc).enabled and getattr(resolved, loc).weight > 0]
-
-
-def ablated_leaves_some(distill: dict, location: str) -> bool:
-    """Whether the raw distill section still enables a location once `location` is off (the spec's defaults apply)."""
-    resolved = DistillSpec.model_validate({**distill, "teacher": "."})
-    return any(getattr(resolved, loc).enabled for loc in RELATION_LOCATIONS if loc != location)
+def enabled_locations(spec: RunSpec) -> list[str]:
+    """The relation locations a TCD spec turns on with a positive weight."""
+    return [loc for loc in RELATION_LOCATIONS
+            if getattr(spec.distill, loc).enabled and getattr(spec.distill, loc).weight > 0]
 
 
 def load_preset(path: str | os.PathLike, overrides: list[str] = (), ablate: list[str] | None = None) -> Preset:
-    """Read, override and validate a preset. `ablate` (the command line's) replaces the preset's list; empty, it
-    means every location the TCD student has enabled."""
-    data = read_yaml_mapping(path, "preset file")
-    data = apply_overrides(data, list(overrides))
-    try:
-        preset = Preset.model_validate(data)
-        if ablate is not None:
-            data["ablate"] = list(ablate) or enabled_locations(preset.tcd.raw_spec()["distill"])
-            preset = Preset.model_validate(data)
-    except ValidationError as e:
-        raise SpecError([
-            f"{'.'.join(map(str, err['loc'])) or '<preset>'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
-        ]) from None
+    """Read (a path, or a shipped preset's name), override and validate a preset, and check what it names.
+    `ablate` (the command line's) replaces the preset's list; empty, it means every location the TCD student has
+    enabled."""
+    data = apply_overrides(read_yaml_mapping(find_spec_file(path, "preset"), "preset file"), list(overrides))
+    preset = validate(Preset, data)
+    if ablate is not None:
+        preset.ablate = list(ablate) or enabled_locations(check_preset(preset)["tcd"])
+    check_preset(preset)
     return preset

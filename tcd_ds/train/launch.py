@@ -1,4 +1,5 @@
-"""Starting `launchers/pretrain.py` through DeepSpeed's runner, as a user does: for the protocol, tools and tests."""
+"""Starting pre-training through DeepSpeed's runner, as a user does (`deepspeed ... --module tcd_ds.cli.pretrain`):
+for the protocol, sweeps, tools and tests. By module, so that it runs from an installed wheel."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
-PRETRAIN = Path(__file__).resolve().parents[2] / "launchers" / "pretrain.py"
+PRETRAIN_MODULE = "tcd_ds.cli.pretrain"
 
 
 def free_port() -> int:
@@ -17,8 +18,9 @@ def free_port() -> int:
 
 
 def deepspeed_command(runner_args: list[str], spec: str | Path, overrides: list[str] = ()) -> list[str]:
-    """`deepspeed RUNNER_ARGS launchers/pretrain.py --spec SPEC OVERRIDES`, on a free port unless one is given."""
+    """`deepspeed RUNNER_ARGS --module tcd_ds.cli.pretrain --spec SPEC OVERRIDES`, on a free port unless one is
+    given."""
     if not any(a.startswith("--master_port") for a in runner_args):
         runner_args = [*runner_args, "--master_port", str(free_port())]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", *runner_args, str(PRETRAIN), "--spec", str(spec),
-            *overrides]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *runner_args, "--module", PRETRAIN_MODULE,
+            "--spec", str(spec), *overrides]

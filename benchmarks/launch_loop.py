@@ -1,7 +1,7 @@
 """Launch a small multi-rank run N times and count the launches that printed `[tcd-ds] finished` yet exited
 non-zero: a run that finished must exit 0 every time (sweep agents, the protocol and Slurm read the status).
 
-    python tools/launch_loop.py --launches 50 [--ranks 2] [--spec ds_configs/teacher_tiny.yaml] [--cores] \
+    python -m benchmarks.launch_loop --launches 50 [--ranks 2] [--spec teacher_tiny] [--cores] \
         [--out runs/launch_loop] [-- --train.steps=4 ...]
 
 Each launch goes through the `deepspeed` runner as a user's does, with a fresh run dir and one shared data
@@ -57,12 +57,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--launches", type=int, default=50)
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--spec", type=Path, default=REPO / "ds_configs" / "teacher_tiny.yaml")
+    parser.add_argument("--spec", default="teacher_tiny", help="a run spec: a path or a shipped name")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "launch_loop")
     parser.add_argument("--cores", action="store_true", help="let the ranks dump core")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    args.spec, args.out = args.spec.resolve(), args.out.resolve()
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **os.environ}
