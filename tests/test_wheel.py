@@ -1,7 +1,8 @@
 """The package as users meet it on a cluster: a wheel built from this checkout (`pip wheel --no-deps .`), installed
 non-editable into a fresh virtual environment, run from an empty directory. Nothing of the checkout is on the path:
 the commands, presets and bundled data all come from the wheel. The venv sees the suite's installed dependencies
-(torch from the pinned CPU build, deepspeed, ...) through --system-site-packages, so nothing is downloaded."""
+(torch from the pinned CPU build, deepspeed, ...) through --system-site-packages: nothing is downloaded, and the
+venv's own older setuptools would not satisfy torch's metadata, hence `--no-deps`."""
 
 import os
 import subprocess
@@ -35,7 +36,7 @@ def venv(tmp_path_factory) -> tuple[Path, dict]:
             "tcd_ds/bundled/wiki/train.txt", "tcd_ds/bundled/tasks/movie_reviews/task.yaml"} <= names
     run([sys.executable, "-m", "venv", "--system-site-packages", root / "venv"], root, env)
     bin_dir = root / "venv" / "bin"
-    run([bin_dir / "python", "-m", "pip", "install", "--no-index", "--no-build-isolation", wheel], root, env)
+    run([bin_dir / "python", "-m", "pip", "install", "--no-index", "--no-deps", wheel], root, env)
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     return bin_dir, env
 

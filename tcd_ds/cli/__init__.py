@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tcd-ds: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"tcd_ds.cli.{COMMANDS[name][0]}")
-    return module.main(rest)
+    try:
+        return module.main(rest)
+    except SystemExit as e:  # argparse's --help (0) and usage errors (2)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
 
 
 if __name__ == "__main__":

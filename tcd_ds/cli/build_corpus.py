@@ -14,7 +14,8 @@ from tcd_ds.data.wikitext import iter_articles, wikitext_to_paragraphs
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="tcd-ds build-corpus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dump", help="MediaWiki pages-articles .xml.bz2 (shared/data/raw/enwiki-sample.xml.bz2)")
     parser.add_argument("--out", required=True, help="where to write (the bundled copy is tcd_ds/bundled/wiki)")
     parser.add_argument("--validation-every", type=int, default=20, help="article i to validation if i %% N == N-1")

@@ -54,7 +54,8 @@ def write_sentences(rows: list[tuple[str, float, str]], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="tcd-ds build-tasks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("raw", help="folder holding the two *_GroundTruth.txt files (shared/data/raw)")
     parser.add_argument("--out", required=True, help="where to write (the bundled copy is tcd_ds/bundled/tasks)")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """The command-line convention every command shares, as the run spec's: a pydantic spec (from `--spec FILE`,
 a shipped spec's name, or defaults), `--dotted.key=value` overrides (`--key value` and `--key v1 v2` too, as
-argparse users type them, `-` in a key as `_`; a bare `--flag` is `--flag=True`), `--dry-run`, `--print-schema`; a user's mistake
-exits 2 with one line per problem and no traceback."""
+argparse users type them, `-` in a key as `_`; a bare `--flag` is `--flag=True`), `--dry-run`, `--print-schema`;
+a user's mistake exits 2 with one line per problem and no traceback."""
 
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
     tcd-ds convert RUN_OR_CHECKPOINT_DIR OUTPUT_DIR [--tag TAG] [--force]
 
 A dense teacher becomes a plain `BertForMaskedLM` directory; an MoE student (any world size, any ep_size) a
-`moe_bert` directory that loads without DeepSpeed, through `tcd_ds.models.register_auto_classes()` + `AutoModelForMaskedLM` or
-through `trust_remote_code=True`. Exit status 1 with one line naming the file, directory or tag on failure.
+`moe_bert` directory that loads without DeepSpeed, through `tcd_ds.models.register_auto_classes()` +
+`AutoModelForMaskedLM` or through `trust_remote_code=True`. Exit status 1 with one line naming the file,
+directory or tag on failure.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from tcd_ds.rundir import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="tcd-ds convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a run directory, its checkpoints/ directory or a tag directory in it")
     parser.add_argument("output", help="the Hugging Face directory to write (must be empty or absent)")
     parser.add_argument("--tag", help="checkpoint tag, e.g. step_1000 (default: checkpoints/latest)")

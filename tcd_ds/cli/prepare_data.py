@@ -22,7 +22,8 @@ from tcd_ds.spec import SpecError, load_spec
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="tcd-ds prepare-data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", help="run spec YAML")
     parser.add_argument("--num-proc", type=int, default=None,
                         help=f"tokenizing processes (default: the usable cores, {default_num_proc(None)})")

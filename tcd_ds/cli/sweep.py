@@ -189,7 +189,8 @@ def load_sweep(name_or_path: str) -> tuple[Path, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="tcd-ds sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="a W&B sweep YAML file (method, metric, parameters, command, ...) or a "
                         "shipped sweep's name")
     parser.add_argument("--trials", type=int, required=True, help="at most this many trials (grid may end sooner)")

@@ -48,8 +48,8 @@ def task_name(task: str) -> str:
 
 
 def pretrain_stage(name: str, spec: str, overrides: list[str], run_dir: Path, preset: Preset, inputs: dict) -> Stage:
-    """`deepspeed ... --module tcd_ds.cli.pretrain --spec SPEC --overrides...`, exactly as a user runs it. Like torchrun,
-    one OpenMP thread per rank unless OMP_NUM_THREADS says otherwise (ranks share the node's cores)."""
+    """`deepspeed ... --module tcd_ds.cli.pretrain --spec SPEC --overrides...`, exactly as a user runs it. Like
+    torchrun, one OpenMP thread per rank unless OMP_NUM_THREADS says otherwise (ranks share the node's cores)."""
     overrides = [*overrides, f"--run_dir={run_dir}", "--logging.progress_bar=False"]
     key = {"spec_sha256": file_digest(spec), "overrides": overrides, "deepspeed": preset.deepspeed,
            **inputs}

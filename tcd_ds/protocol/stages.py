@@ -61,6 +61,7 @@ def command(argv: list[str], env: dict[str, str] | None = None) -> Callable[...,
             tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
             raise StageFailed(f"exit status {code}; log: {log}; its last lines:\n{tail}")
 
+    run.argv = argv  # what the stage runs, for the eye (and the tests)
     return run
 
 
