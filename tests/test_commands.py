@@ -17,7 +17,7 @@ from tcd_ds.resources import PRESETS
 
 # A value other than the default for every fine-tuning and probe setting.
 FINETUNE_VALUES = {
-    "seeds": [4, 7], "epochs": 2, "batch_size": 8, "eval_batch_size": 16, "lr": 3e-4, "adapter_lr": 2e-3,
+    "seeds": [4, 7], "epochs": 2, "batch_size": 8, "eval_batch_size": 16, "lr": [3e-4], "adapter_lr": [2e-3],
     "weight_decay": 0.05, "warmup_ratio": 0.2, "grad_clip": 0.5, "max_length": 48, "adapter_size": 16,
     "balance_weight": 0.0, "max_train_examples": 100, "selection": "dev", "heldout_fraction": 0.2,
     "heldout_max_examples": 50, "eval_capacity_factor": 4.0, "train_router": False, "report_to": ["wandb"],
@@ -34,24 +34,26 @@ def test_every_setting_is_declared_once_and_shared():
                                        (ProbeSettings, ProbeSpec, ProbeSettings)):
         for name, field in settings.model_fields.items():
             assert repr(command.model_fields[name]) == repr(field) == repr(section.model_fields[name]), name
-    assert set(Finetuning.model_fields) - set(FinetuneSettings.model_fields) == {"tasks", "modes"}
+    assert set(Finetuning.model_fields) - set(FinetuneSettings.model_fields) == {"tasks", "modes", "train_sizes"}
     assert set(FinetuneSpec.model_fields) - set(FinetuneSettings.model_fields) == {"model", "task", "mode", "out"}
     assert Preset.model_fields["probe"].annotation is ProbeSettings
 
 
 def test_a_preset_setting_reaches_its_job_and_the_command_line_reads_it_back(tmp_path):
-    """Every setting, set in the preset, arrives in the fine-tuning / probe job's command line, and the command's
-    own parser turns that command line into the same spec."""
+    """Every setting, set in the preset, arrives in the fine-tuning / probe jobs' command lines (one fine-tuning
+    job per lr and seed), and the command's own parser turns each command line into the same spec."""
     overrides = [f"--finetune.{k}={v}" for k, v in FINETUNE_VALUES.items()]
     overrides += [f"--probe.{k}={v}" for k, v in PROBE_VALUES.items() if k != "files"]
     preset = load_preset(PRESETS / "protocol_tiny.yaml", [*overrides, "--finetune.modes=[full,adapter]"])
     _, plan = stages(preset, tmp_path)
     jobs = {s.name: s for s in plan if s.job}
-    finetune = [s for name, s in jobs.items() if name.startswith("finetune tcd movie_reviews adapter")]
+    finetune = [s for name, s in jobs.items() if name.startswith("finetune tcd movie_reviews_adapter lr 0.002")]
     probe = [s for name, s in jobs.items() if name.startswith("probe tcd")]
-    assert len(finetune) == 1 and len(probe) == 1
-    for stage, spec_class, module, values in ((finetune[0], FinetuneSpec, "tcd_ds.cli.finetune", FINETUNE_VALUES),
-                                               (probe[0], ProbeSpec, "tcd_ds.cli.probe", PROBE_VALUES)):
+    assert [s.name.split()[-1] for s in finetune] == ["4", "7"] and len(probe) == 1
+    for stage, spec_class, module, values in (*((s, FinetuneSpec, "tcd_ds.cli.finetune", {
+                                                  **FINETUNE_VALUES, "seeds": [int(s.name.split()[-1])]})
+                                                for s in finetune),
+                                              (probe[0], ProbeSpec, "tcd_ds.cli.probe", PROBE_VALUES)):
         argv = stage.run.argv
         assert argv[:3] == [sys.executable, "-m", module]
         spec = load_command_spec(spec_class, parse_command_line(argv[3:]), "spec")
@@ -88,7 +90,7 @@ def test_console_script_lists_and_dispatches_every_command(capsys):
     (["finetune", "{d}", "--task=movie_reviews"], "model: {d} has no config.json: not a converted model"),
     (["finetune", "{d}/none", "--task=movie_reviews"], "model: {d}/none is not a directory"),
     (["finetune", "{d}/hf", "--task=nosuch"], "nosuch: neither a task directory, a bundled task (movie_reviews)"),
-    (["finetune", "{d}/hf", "--task=movie_reviews", "--lr=0"], "lr: Input should be greater than 0"),
+    (["finetune", "{d}/hf", "--task=movie_reviews", "--lr=0"], "lr.0: Input should be greater than 0"),
     (["probe", "{d}/hf", "--files={d}/empty.txt"], "files: {d}/empty.txt: no text: it is empty"),
     (["finetune", "--spec={d}/empty.txt"], "model: Field required"),
 ])

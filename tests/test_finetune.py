@@ -84,7 +84,7 @@ def test_converted_models_learn_a_learnable_task(converted, keyword_task, tmp_pa
     test with the epoch picked on the held-out slice; an MoE student's logged loss is task + 0.01 x balance."""
     out = tmp_path / "keyword.json"
     assert finetune_cli(converted[model], "--task", keyword_task, "--seeds", *seeds, "--batch-size", 16,
-                        "--out", out) == 0
+                        "--lr", 1e-3, "--out", out) == 0
     result = json.loads(out.read_text())
     assert result["seeds"] == seeds and [run["seed"] for run in result["runs"]] == seeds
     assert result["selection"] == "heldout" and result["heldout_examples"] == 26  # 10% of 256
@@ -124,7 +124,7 @@ def test_adapter_mode_trains_the_counted_parameters_without_the_balance_loss(con
     out = tmp_path / "off.json"
     assert finetune_cli(converted["tcd"], "--task", keyword_task, "--mode", "adapter", "--seeds", 1, "--epochs", 1,
                         "--adapter-size", 8, "--balance-weight", 0, "--max-train-examples", 32, "--selection", "last",
-                        "--out", out) == 0
+                        "--adapter_lr", 1e-3, "--out", out) == 0
     result = json.loads(out.read_text())
     run = result["runs"][0]
     assert result["mode"] == "adapter" and result["config"]["max_train_examples"] == 32
@@ -136,12 +136,32 @@ def test_adapter_mode_trains_the_counted_parameters_without_the_balance_loss(con
     assert run["trainable_parameters"] < run["parameters"] / 10
 
 
+def test_the_lr_grid_selects_the_learning_rate_that_learns_on_the_heldout_slice(converted, keyword_task, tmp_path):
+    """At lr 1e-9 the model cannot leave chance, at 1e-3 it learns: the held-out slice picks 1e-3, and only its runs
+    are reported; every lr's runs stay in the results."""
+    out = tmp_path / "grid.json"
+    assert finetune_cli(converted["teacher"], "--task", keyword_task, "--seeds", 1, "--epochs", 2, "--batch-size", 16,
+                        "--lr", 1e-9, 1e-3, "--out", out) == 0
+    result = json.loads(out.read_text())
+    assert result["lrs"] == [1e-9, 1e-3] and result["selected_lr"] == 1e-3
+    grid = result["lr_grid"]
+    assert grid["0.001"]["heldout"]["mean"] >= 0.9 > grid["1e-09"]["heldout"]["mean"]
+    assert [run["lr"] for run in result["all_runs"]] == [1e-9, 1e-3] and [r["lr"] for r in result["runs"]] == [1e-3]
+    assert result["summary"]["test"]["accuracy"]["mean"] == result["runs"][0]["scores"]["test"]["accuracy"]
+    assert len(result["runs"][0]["predictions"]) == len(result["labels"]) == 128  # the test split
+
+
+def test_a_grid_needs_the_heldout_selection(converted, keyword_task, capsys):
+    assert finetune_cli(converted["teacher"], "--task", keyword_task, "--selection", "dev") == 2
+    assert "lr: a grid of 3 learning rates is selected on the held-out slice" in capsys.readouterr().err
+
+
 def test_a_model_that_predicts_one_class_is_flagged(converted, tmp_path):
     """Train labels all 0: the model learns to answer 0 whatever the input, and the result says so."""
     task = write_task(tmp_path / "zeros", keyword_splits(train_label=0), "sentence\tlabel", KEYWORD_YAML, ".tsv")
     out = tmp_path / "zeros.json"
     assert finetune_cli(converted["teacher"], "--task", task, "--seeds", 1, "--epochs", 2, "--batch-size", 16,
-                        "--max-train-examples", 64, "--selection", "dev", "--out", out) == 0
+                        "--max-train-examples", 64, "--selection", "dev", "--lr", 1e-3, "--out", out) == 0
     result = json.loads(out.read_text())
     assert result["runs"][0]["constant_predictions"] == ["dev", "test"] and result["constant_prediction_seeds"] == [1]
     assert result["runs"][0]["scores"]["test"]["f1"] == 0.0  # never the positive class

@@ -7,13 +7,13 @@ the MoE baseline itself, through the `deepspeed` runner."""
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import LAUNCH_ENV, REPO
 from tcd_ds.protocol.plan import stages
@@ -21,9 +21,9 @@ from tcd_ds.protocol.preset import load_preset
 from tcd_ds.protocol.report import markdown_table
 from tcd_ds.protocol.slots import make_slots
 from tcd_ds.protocol.stages import Stage, StageFailed, command, run_stages
+from tcd_ds.resources import PRESETS
 from tcd_ds.spec import SpecError
 from tcd_ds.train.metrics import read_metrics
-from tcd_ds.resources import PRESETS
 
 TINY = PRESETS / "protocol_tiny.yaml"
 BUDGET = "--train.steps=8, --logging.every=1, --train.eval_every=4, --checkpoint.every=4"  # conftest's fast()
@@ -33,6 +33,16 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def given_runs(teacher_run: Path, tcd_run: Path, cache_dir: Path) -> list[str]:
     return ["--teacher.spec=null", f"--teacher.run={teacher_run}", "--tcd.spec=null", f"--tcd.run={tcd_run}",
             f"--moe.overrides=[{BUDGET}, --data.cache_dir={cache_dir}]", f"--probe.cache_dir={cache_dir}"]
+
+
+STRENGTH = 8  # a checkpoint of the given teacher run (12 steps, checkpoints 8 and 12 kept): the row tcd@8
+MODELS = ["teacher", "moe", "tcd", f"tcd@{STRENGTH}", "scratch"]
+
+
+def job_results(out: Path, model: str) -> list[dict]:
+    """The fine-tuning jobs' results of a model on the tiny preset's one column (lr 1e-3; seeds 1 and 2)."""
+    return [json.loads((out / "finetune" / model / "movie_reviews_full" / f"lr_0.001_seed_{seed}.json").read_text())
+            for seed in (1, 2)]
 
 
 def reproduce(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -45,7 +55,7 @@ def reproduce(out: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def protocol(tmp_path_factory, teacher_run, tcd_run, cache_dir) -> tuple[Path, list[str], str]:
     out = tmp_path_factory.mktemp("protocol")
-    args = given_runs(teacher_run, tcd_run, cache_dir)
+    args = [*given_runs(teacher_run, tcd_run, cache_dir), f"--teacher_strengths=[{STRENGTH}]"]
     return out, args, reproduce(out, *args).stdout
 
 
@@ -60,9 +70,10 @@ def numbers(tree) -> list[float]:
 def test_protocol_writes_one_row_per_model_with_finite_numbers(protocol, teacher_run, tcd_run):
     out, _, stdout = protocol
     results = json.loads((out / "results.json").read_text())
-    assert [m["name"] for m in results["models"]] == ["teacher", "moe", "tcd", "scratch"]
+    assert [m["name"] for m in results["models"]] == MODELS
     assert all(math.isfinite(x) for x in numbers(results))
-    runs = {"teacher": teacher_run, "moe": out / "pretrain" / "moe", "tcd": tcd_run}
+    runs = {"teacher": teacher_run, "moe": out / "pretrain" / "moe", "tcd": tcd_run,
+            f"tcd@{STRENGTH}": out / "pretrain" / f"tcd@{STRENGTH}"}
     for m in results["models"]:
         if m["name"] == "scratch":
             assert m["pretrain"] is None and m["run_dir"] is None
@@ -71,22 +82,42 @@ def test_protocol_writes_one_row_per_model_with_finite_numbers(protocol, teacher
             assert m["pretrain"]["steps"] == records[-1]["step"] == (12 if m["name"] == "teacher" else 8)
             assert m["pretrain"]["val/loss/mlm"] == records[-1]["val/loss/mlm"]
         assert 0 < m["ood_mlm"]["loss"] and 0 <= m["ood_mlm"]["accuracy"] <= 1 and m["ood_mlm"]["masked_tokens"] > 0
-        finetuned = json.loads((out / "finetune" / m["name"] / "movie_reviews_full.json").read_text())
-        scores = [run["scores"]["test"]["accuracy"] for run in finetuned["runs"]]
+        jobs = job_results(out, m["name"])
+        scores = [job["runs"][0]["scores"]["test"]["accuracy"] for job in jobs]
         row = m["downstream"]["movie_reviews full"]
-        assert row["scores"] == scores and len(scores) == 2  # seeds 1 and 2
+        assert row["scores"] == scores and row["seeds"] == [1, 2] and row["selected_lr"] == 1e-3
         assert row["mean"] == pytest.approx(sum(scores) / 2)
-        assert finetuned["selection"] == "heldout" and finetuned["heldout_examples"] == 64
+        assert all(job["selection"] == "heldout" and job["heldout_examples"] == 64 for job in jobs)
+        assert set(m["differences"]["movie_reviews full"]) == {"moe", "teacher"} - {m["name"]}
     assert not (out / "pretrain" / "teacher").exists() and not (out / "pretrain" / "tcd").exists()  # given runs
 
     table = (out / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    assert [row.split("|")[1].strip() for row in rows[1:]] == ["teacher", "moe", "tcd", "scratch"]  # rows[0]: rule
-    assert rows[-1].split("|")[2:4] == [" 0 ", " — "]  # no pre-training steps, no validation loss
+    assert [row.split("|")[1].strip() for row in rows[1:6]] == MODELS  # rows[0]: rule
+    assert rows[5].split("|")[2:4] == [" 0 ", " — "]  # no pre-training steps, no validation loss
+    assert "Paired differences, model - reference" in table and "Teacher strength" in table
     assert "the epoch with the best accuracy on a held-out slice of train (64 examples" in table
     assert table in stdout
     jobs = [line for line in stdout.splitlines() if ": running on slot" in line]
-    assert len(jobs) == 8 and {line.split(" on slot ")[1][0] for line in jobs} == {"0", "1"}  # 4 probes, 4 fine-tunings
+    assert len(jobs) == 15 and {line.split(" on slot ")[1][0] for line in jobs} == {"0", "1"}  # 5 probes, 10 fine-tunings
+
+
+def test_differences_are_paired_by_seed_and_the_teacher_strength_curve_is_written(protocol, teacher_run):
+    out, _, _ = protocol
+    results = json.loads((out / "results.json").read_text())
+    by_name = {m["name"]: m for m in results["models"]}
+    tcd, moe = (by_name[name]["downstream"]["movie_reviews full"] for name in ("tcd", "moe"))
+    difference = by_name["tcd"]["differences"]["movie_reviews full"]["moe"]
+    assert difference["differences"] == [a - b for a, b in zip(tcd["scores"], moe["scores"])]
+    assert difference["t"]["low"] <= difference["mean"] <= difference["t"]["high"]
+    val = {r["step"]: r["val/loss/mlm"] for r in read_metrics(teacher_run / "metrics.jsonl") if "val/loss/mlm" in r}
+    curve = json.loads((out / "teacher_strength.json").read_text())
+    assert curve == results["teacher_strength"]
+    assert [(p["teacher_step"], p["model"], p["teacher_val_mlm"]) for p in curve] == \
+        [(STRENGTH, f"tcd@{STRENGTH}", val[STRENGTH]), (12, "tcd", val[12])]
+    assert curve[0]["downstream"] == by_name[f"tcd@{STRENGTH}"]["downstream"]
+    spec = yaml.safe_load((out / "pretrain" / f"tcd@{STRENGTH}" / "spec.yaml").read_text())
+    assert spec["distill"]["teacher_tag"] == f"step_{STRENGTH}" and spec["distill"]["teacher"] == str(teacher_run)
 
 
 def test_scratch_model_has_the_teachers_shape_and_fresh_weights(protocol):
@@ -102,7 +133,7 @@ def test_scratch_model_has_the_teachers_shape_and_fresh_weights(protocol):
 
 def test_protocol_writes_the_plots(protocol):
     out, _, _ = protocol
-    for name in ("pretraining", "relation_losses", "expert_load", "routing", "downstream"):
+    for name in ("pretraining", "relation_losses", "expert_load", "routing", "downstream", "teacher_strength"):
         data = (out / "plots" / f"{name}.png").read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000, name
 
@@ -112,8 +143,8 @@ def test_rerun_skips_every_finished_stage(protocol):
     before = (out / "results.json").read_text()
     stdout = reproduce(out, *args).stdout
     progress = [line for line in stdout.splitlines() if line.startswith("[protocol ")]
-    assert len(progress) == 13  # 1 pre-training (not the given runs'), 3 conversions, the scratch model, 4 probes,
-    # 4 fine-tunings
+    assert len(progress) == 21  # 2 pre-trainings (not the given runs'), 4 conversions, the scratch model, 5 probes,
+    # 10 fine-tunings (one per seed)
     assert all(line.endswith("done in an earlier run, skipped") for line in progress), progress
     assert (out / "results.json").read_text() == before
 
@@ -124,23 +155,25 @@ def test_one_slot_scores_as_two(protocol, tmp_path):
     out, args, _ = protocol
     parallel = {}
     for model in ("teacher", "tcd"):
-        result = out / "finetune" / model / "movie_reviews_full.json"
-        parallel[model] = json.loads(result.read_text())
-        shutil.move(result, tmp_path / f"{model}.json")
-        (out / "stages" / f"finetune_{model}_movie_reviews_full.json").unlink()
+        parallel[model] = job_results(out, model)
+        for seed in (1, 2):
+            (out / "finetune" / model / "movie_reviews_full" / f"lr_0.001_seed_{seed}.json").unlink()
+            (out / "stages" / f"finetune_{model}_movie_reviews_full_lr_0.001_seed_{seed}.json").unlink()
     stdout = reproduce(out, *args, "--jobs.slots=1").stdout
     reran = [line for line in stdout.splitlines() if ": running on slot" in line]
-    assert len(reran) == 2 and all(" on slot 0 (cores " in line for line in reran), reran
+    assert len(reran) == 4 and all(" on slot 0 (cores " in line for line in reran), reran
     for model in ("teacher", "tcd"):
-        serial = json.loads((out / "finetune" / model / "movie_reviews_full.json").read_text())
-        assert serial["runs"] == parallel[model]["runs"] and serial["summary"] == parallel[model]["summary"]
+        serial = job_results(out, model)
+        assert [job["all_runs"] for job in serial] == [job["all_runs"] for job in parallel[model]]
 
 
 def test_table_marks_constant_predictors():
     cell = {"split": "test", "metric": "accuracy", "mean": 0.5, "std": 0.0, "scores": [0.5, 0.5], "seeds": [1, 2],
-            "selection_rule": "the last epoch", "constant_prediction_seeds": [2]}
+            "selection_rule": "the last epoch", "constant_prediction_seeds": [2], "lr_grid": {"0.001": {}},
+            "selected_lr": 1e-3}
     row = {"name": "teacher", "pretrain": {"steps": 3, "val/loss/mlm": 7.0},
-           "ood_mlm": {"loss": 7.0, "accuracy": 0.1}, "downstream": {"movie_reviews full": cell}}
+           "ood_mlm": {"loss": 7.0, "accuracy": 0.1}, "downstream": {"movie_reviews full": cell},
+           "differences": {"movie_reviews full": {}}}
     table = markdown_table({"probe": "nyt", "seeds": [1, 2], "models": [row]})
     assert "| 0.500 ± 0.000 (constant: seed 2) |" in table
     assert "with the weights of the last epoch." in table and "they learnt nothing" in table
@@ -196,7 +229,8 @@ def test_ablation_adds_one_tcd_run_per_location_with_it_off(tmp_path):
                                      "--logging.progress_bar=False"]
     assert f"--distill.teacher={tmp_path / 'pretrain' / 'teacher'}" in no_trunk["overrides"]
     finetunes = [s.name for s in plan if s.name.startswith("finetune")]
-    assert finetunes[-2:] == ["finetune tcd-no_attention movie_reviews full", "finetune scratch movie_reviews full"]
+    assert finetunes[-4:] == [f"finetune {model} movie_reviews_full lr 0.001 seed {seed}"
+                              for model in ("tcd-no_attention", "scratch") for seed in (1, 2)]
     assert all(s.job for s in plan if s.name.startswith(("finetune", "probe")))
 
 
@@ -239,7 +273,7 @@ def test_the_cluster_preset_is_a_fair_comparison(tmp_path):
     (teacher / "tokenizer").mkdir(parents=True)
     (teacher / "spec.yaml").write_text((PRESETS / "teacher_small.yaml").read_text())
     preset_file = PRESETS / "protocol_small.yaml"
-    with pytest.raises(SpecError, match="teacher: runs/teacher_small not found"):
+    with pytest.raises(SpecError, match=r"teacher: run: runs/teacher_small is not a run directory of ours"):
         load_preset(preset_file)
     tokenizer = f"--data.tokenizer.path={teacher / 'tokenizer'}"
     preset = load_preset(preset_file, [f"--teacher.run={teacher}", f"--moe.overrides=[{tokenizer}]",

@@ -22,7 +22,6 @@ results (`constant_predictions`), which the protocol's table marks.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from transformers.utils import logging as hf_logging
 from tcd_ds.downstream.adapters import add_adapters
 from tcd_ds.downstream.metrics import compute
 from tcd_ds.downstream.spec import FinetuneSpec
+from tcd_ds.downstream.stats import select_lr, summary
 from tcd_ds.downstream.tasks import Example, Task
 from tcd_ds.models import register_auto_classes
 
@@ -195,13 +195,23 @@ def split_metrics(metrics: dict[str, float], splits: list[str]) -> dict[str, dic
     return result
 
 
+def predicted_values(logits: torch.Tensor, regression: bool) -> torch.Tensor:
+    """The model's answer per example: the value (regression) or the class with the largest logit."""
+    logits = logits.float()
+    return logits.reshape(-1) if regression else logits.argmax(dim=-1)
+
+
+def report_split(task: Task) -> str:
+    """The split the results report: test where the task has one, else dev (as GLUE)."""
+    return "test" if "test" in task.splits else "dev"
+
+
 def metrics_function(task: Task):
     """Trainer's `compute_metrics`: the task's metrics, plus `constant` (1.0 when every prediction is the same)."""
     regression = task.spec.kind == "regression"
 
     def metrics(prediction: EvalPrediction) -> dict[str, float]:
-        logits = torch.as_tensor(prediction.predictions).float()
-        predicted = logits.reshape(-1) if regression else logits.argmax(dim=-1)
+        predicted = predicted_values(torch.as_tensor(prediction.predictions), regression)
         scores = compute(task.spec.metrics, predicted.tolist(), torch.as_tensor(prediction.label_ids).tolist())
         constant = bool(predicted.max() - predicted.min() <= (1e-6 if regression else 0))
         return {**scores, "constant": float(constant)}
@@ -209,13 +219,13 @@ def metrics_function(task: Task):
     return metrics
 
 
-def training_arguments(config: FinetuneSpec, seed: int, device: torch.device, output_dir: str,
+def training_arguments(config: FinetuneSpec, lr: float, seed: int, device: torch.device, output_dir: str,
                        run_name: str) -> TrainingArguments:
     """Evaluation every epoch, nothing saved (the selected epoch's weights stay in memory), no progress bars."""
     gpu = device.type == "cuda"
     args = TrainingArguments(
         output_dir=output_dir, run_name=run_name, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size, learning_rate=config.lr_for(config.mode), weight_decay=config.weight_decay,
+        per_device_eval_batch_size=config.eval_batch_size, learning_rate=lr, weight_decay=config.weight_decay,
         lr_scheduler_type="linear", warmup_steps=config.warmup_ratio, max_grad_norm=config.grad_clip,
         seed=seed, data_seed=seed, bf16=gpu and torch.cuda.is_bf16_supported(), use_cpu=not gpu,
         train_sampling_strategy="group_by_length", eval_strategy="epoch", save_strategy="no",
@@ -229,10 +239,14 @@ def training_arguments(config: FinetuneSpec, seed: int, device: torch.device, ou
 
 def make_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, config: FinetuneSpec,
                  seed: int, device: torch.device, output_dir: str, train_rows: list[dict],
-                 eval_sets: dict[str, list[dict]], tally: LossTally, callbacks: list[TrainerCallback] = ()):
-    """The Trainer of one seed: HF's optimizer (decay on weights only), schedule, sampler and evaluation loop."""
+                 eval_sets: dict[str, list[dict]], tally: LossTally, callbacks: list[TrainerCallback] = (),
+                 lr: float | None = None):
+    """The Trainer of one seed at one learning rate (default: the grid's first): HF's optimizer (decay on weights
+    only), schedule, sampler and evaluation loop."""
+    lr = config.lr_for(config.mode)[0] if lr is None else lr
     trainer = FinetuneTrainer(
-        model=model, args=training_arguments(config, seed, device, output_dir, f"{task.spec.name}_seed{seed}"),
+        model=model, args=training_arguments(config, lr, seed, device, output_dir,
+                                             f"{task.spec.name}_lr{lr:g}_seed{seed}"),
         train_dataset=train_rows, eval_dataset=eval_sets, processing_class=tokenizer,
         compute_metrics=metrics_function(task), callbacks=list(callbacks), regression=task.spec.kind == "regression",
         tally=tally,
@@ -241,9 +255,11 @@ def make_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tas
     return trainer
 
 
-def train_one_seed(model_dir: str | Path, task: Task, config: FinetuneSpec, seed: int, device: torch.device,
-                   tokenizer: PreTrainedTokenizerBase, encoded: dict[str, list[dict]], log=print) -> dict:
-    """Train for `config.epochs`, evaluating after each; then every evaluation split at the selected epoch."""
+def train_one_seed(model_dir: str | Path, task: Task, config: FinetuneSpec, lr: float, seed: int,
+                   device: torch.device, tokenizer: PreTrainedTokenizerBase, encoded: dict[str, list[dict]],
+                   log=print) -> dict:
+    """Train for `config.epochs`, evaluating after each; then every evaluation split at the selected epoch, and
+    the predictions on the reported split (for the paired bootstrap, tcd_ds/downstream/stats.py)."""
     set_seed(seed)  # the new head's initialisation; Trainer seeds dropout and the batch order
     model = load_classifier(model_dir, task, config)
     moe = hasattr(model.config, "balance_weight")
@@ -256,13 +272,15 @@ def train_one_seed(model_dir: str | Path, task: Task, config: FinetuneSpec, seed
     ignore = ["aux_loss", "hidden_states", "attentions"]  # outputs that are not predictions
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = make_trainer(model, tokenizer, task, config, seed, device, output_dir, encoded["train"],
-                               {s: encoded[s] for s in per_epoch}, tally, [records])
+                               {s: encoded[s] for s in per_epoch}, tally, [records], lr)
         trainer.train(ignore_keys_for_eval=ignore)
         trainer.remove_callback(records)
         best = records.selected(model)
         rest = [s for s in task.eval_splits() if s not in per_epoch]
         final = split_metrics(trainer.evaluate({s: encoded[s] for s in rest}, ignore_keys=ignore), rest) \
             if rest else {}
+        output = trainer.predict(encoded[report_split(task)], ignore_keys=ignore).predictions
+        predictions = predicted_values(torch.as_tensor(output), task.spec.kind == "regression").tolist()
         if "wandb" in config.report_to:  # one W&B run per seed: HF's callback would log the next seed into this one
             import wandb
 
@@ -273,23 +291,11 @@ def train_one_seed(model_dir: str | Path, task: Task, config: FinetuneSpec, seed
         scores[split] = {k: v for k, v in values.items() if k != "constant"}
         constant[split] = bool(values["constant"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"seed": seed, "best_epoch": best["epoch"], "scores": scores, "epochs": records.records,
+    return {"lr": lr, "seed": seed, "best_epoch": best["epoch"], "scores": scores, "epochs": records.records,
+            "heldout": best.get(HELDOUT, {}).get(task.main_metric), "predictions": predictions,
             "balance_weight": balance_weight if with_balance else None,
             "constant_predictions": sorted(s for s, c in constant.items() if c),
             "trainable_parameters": trainable, "parameters": sum(p.numel() for p in model.parameters())}
-
-
-def summarise(runs: list[dict], task: Task) -> dict[str, dict[str, dict[str, float]]]:
-    """Per evaluation split and metric: mean, sample standard deviation (0 for one seed), min and max."""
-    summary: dict = {}
-    for split in task.eval_splits():
-        for metric in task.spec.metrics:
-            scores = [run["scores"][split][metric] for run in runs]
-            summary.setdefault(split, {})[metric] = {
-                "mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                "min": min(scores), "max": max(scores),
-            }
-    return summary
 
 
 SELECTION_RULES = {
@@ -300,8 +306,9 @@ SELECTION_RULES = {
 
 
 def finetune(config: FinetuneSpec, task: Task, device: torch.device, log=print) -> dict:
-    """Fine-tune `config.model` on `task` once per seed; the result is what `tcd-ds finetune` writes as JSON."""
-    model_dir, seeds = config.model, config.seeds
+    """Fine-tune `config.model` on `task` once per learning rate of the grid and seed; the result is what
+    `tcd-ds finetune` writes as JSON (`grid_result`)."""
+    model_dir = config.model
     register_auto_classes()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     max_length = min(config.max_length, AutoConfig.from_pretrained(str(model_dir)).max_position_embeddings)
@@ -314,27 +321,60 @@ def finetune(config: FinetuneSpec, task: Task, device: torch.device, log=print) 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" warning, once per seed
     hf_logging.disable_progress_bar()  # "Loading weights", once per seed
-    for seed in seeds:
-        log(f"[finetune] {task.spec.name} {config.mode} seed {seed}: {len(encoded['train'])} training examples")
-        run = train_one_seed(model_dir, task, config, seed, device, tokenizer, encoded, log)
-        runs.append(run)
-        log(f"[finetune] {task.spec.name} {config.mode} seed {seed}: selected epoch {run['best_epoch']}, "
-            + ", ".join(f"{s} {m} {v:.4f}" for s, scores in run["scores"].items() for m, v in scores.items()))
-        if run["constant_predictions"]:
-            log(f"[finetune] WARNING: {task.spec.name} {config.mode} seed {seed} predicts "
-                f"{'one value' if task.spec.kind == 'regression' else 'one class'} for every example of "
-                f"{', '.join(run['constant_predictions'])}: it learnt nothing from the input (try another lr or "
-                "more epochs)")
+    name = f"[finetune] {task.spec.name} {config.mode}"
+    for lr in config.lr_for(config.mode):
+        for seed in config.seeds:
+            log(f"{name} lr {lr:g} seed {seed}: {len(encoded['train'])} training examples")
+            run = train_one_seed(model_dir, task, config, lr, seed, device, tokenizer, encoded, log)
+            runs.append(run)
+            log(f"{name} lr {lr:g} seed {seed}: selected epoch {run['best_epoch']}, "
+                + ", ".join(f"{s} {m} {v:.4f}" for s, scores in run["scores"].items() for m, v in scores.items()))
+            if run["constant_predictions"]:
+                log(f"{name} WARNING: lr {lr:g} seed {seed} predicts "
+                    f"{'one value' if task.spec.kind == 'regression' else 'one class'} for every example of "
+                    f"{', '.join(run['constant_predictions'])}: it learnt nothing from the input (try another lr or "
+                    "more epochs)")
     hf_logging.set_verbosity(verbosity)
     hf_logging.enable_progress_bar()
-    split = "test" if "test" in task.splits else "dev"
-    rule = SELECTION_RULES[config.selection].format(metric=task.main_metric, n=len(heldout))
+    split = report_split(task)
+    header = {
+        "model": str(model_dir), "task": task.spec.name, "mode": config.mode, "metrics": task.spec.metrics,
+        "main_metric": task.main_metric, "report_split": split, "selection": config.selection,
+        "selection_rule": SELECTION_RULES[config.selection].format(metric=task.main_metric, n=len(heldout)),
+        "heldout_examples": len(heldout), "train_examples": len(encoded["train"]),
+        "labels": [row["labels"] for row in encoded[split]], "config": config.model_dump(mode="json"),
+    }
+    return grid_result(header, runs)
+
+
+def grid_result(header: dict, runs: list[dict]) -> dict:
+    """The result of runs over a grid of learning rates and seeds: every run (`all_runs`), each lr's held-out and
+    reported scores over seeds (`lr_grid`, kept for the record: only the held-out ones select), and the selected
+    lr's runs and summary, which alone are reported (`runs`, `summary`). Also how the protocol merges its one-lr,
+    one-seed jobs (`merge_results`)."""
+    lrs = list(dict.fromkeys(run["lr"] for run in runs))
+    seeds = list(dict.fromkeys(run["seed"] for run in runs))
+    heldout = {lr: [run["heldout"] for run in runs if run["lr"] == lr] for lr in lrs}
+    selected = select_lr(heldout) if len(lrs) > 1 else lrs[0]
+    chosen = [run for run in runs if run["lr"] == selected]
+    split = header["report_split"]
+    main = header["main_metric"]
     return {
-        "model": str(model_dir), "task": task.spec.name, "mode": config.mode, "seeds": seeds,
-        "metrics": task.spec.metrics, "main_metric": task.main_metric, "report_split": split,
-        "selection": config.selection, "selection_rule": rule, "heldout_examples": len(heldout),
-        "train_examples": len(encoded["train"]),
-        "constant_prediction_seeds": [run["seed"] for run in runs if split in run["constant_predictions"]],
-        "config": config.model_dump(mode="json"), "summary": summarise(runs, task), "runs": runs,
+        **header, "lrs": lrs, "seeds": seeds, "selected_lr": selected,
+        "lr_grid": {f"{lr:g}": {"heldout": None if None in heldout[lr] else summary(heldout[lr]),
+                                split: summary([run["scores"][split][main] for run in runs if run["lr"] == lr])}
+                    for lr in lrs},
+        "constant_prediction_seeds": [run["seed"] for run in chosen if split in run["constant_predictions"]],
+        "summary": {s: {m: summary([run["scores"][s][m] for run in chosen]) for m in header["metrics"]}
+                    for s in chosen[0]["scores"]},
+        "runs": chosen, "all_runs": runs,
     }
 
+
+def merge_results(results: list[dict]) -> dict:
+    """Results of the same model, task and mode run as separate jobs (per lr and seed), as one result."""
+    header = {k: v for k, v in results[0].items() if k not in GRID_KEYS}
+    return grid_result(header, [run for result in results for run in result["all_runs"]])
+
+
+GRID_KEYS = ("lrs", "seeds", "selected_lr", "lr_grid", "constant_prediction_seeds", "summary", "runs", "all_runs")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tcd_ds.spec import DataPath, PositiveInt, Section
 
 Mode = Literal["full", "adapter"]
+LearningRates = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
 
 
 class FinetuneSettings(Section):
@@ -24,8 +25,9 @@ class FinetuneSettings(Section):
     epochs: PositiveInt = 5
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 128
-    lr: Annotated[float, Field(gt=0)] = Field(1e-3, description="learning rate of full fine-tuning")
-    adapter_lr: Annotated[float, Field(gt=0)] = Field(1e-3, description="learning rate of adapter fine-tuning")
+    lr: LearningRates = Field([2e-4, 5e-4, 1e-3], description="learning rates of full fine-tuning: each is tried "
+                              "with every seed, and the one with the best mean held-out score is reported")
+    adapter_lr: LearningRates = Field([5e-4, 1e-3, 2e-3], description="learning rates of adapter fine-tuning")
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
     grad_clip: Annotated[float, Field(ge=0)] = 1.0
@@ -44,8 +46,16 @@ class FinetuneSettings(Section):
     train_router: bool = Field(True, description="MoE, full mode: train the router (False: keep it as pre-trained)")
     report_to: list[str] = Field([], description="Trainer integrations, e.g. [wandb]; none by default")
 
-    def lr_for(self, mode: Mode) -> float:
+    def lr_for(self, mode: Mode) -> list[float]:
         return self.lr if mode == "full" else self.adapter_lr
+
+    def check_grid(self, modes: list[Mode]) -> None:
+        """A grid of learning rates is selected on the held-out slice: other epoch selections take one lr."""
+        for mode in modes:
+            if len(self.lr_for(mode)) > 1 and self.selection != "heldout":
+                field = "lr" if mode == "full" else "adapter_lr"
+                raise ValueError(f"{field}: a grid of {len(self.lr_for(mode))} learning rates is selected on the "
+                                 f"held-out slice: set selection: heldout, or give one {field}")
 
 
 class FinetuneSpec(FinetuneSettings):
@@ -55,6 +65,11 @@ class FinetuneSpec(FinetuneSettings):
     task: str = Field(description="a bundled task's name, a task directory with task.yaml, or a GLUE task name")
     mode: Mode = "full"
     out: str | None = Field(None, description="results JSON; default runs/finetune/<model>_<task>_<mode>.json")
+
+    @model_validator(mode="after")
+    def _grid_needs_heldout(self) -> FinetuneSpec:
+        self.check_grid([self.mode])
+        return self
 
 
 class ProbeSettings(Section):

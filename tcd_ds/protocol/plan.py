@@ -1,13 +1,15 @@
-"""The protocol as stages: pre-train teacher, MoE baseline, MoE+TCD (and one TCD run per ablated relation
-location) -> convert each to Hugging Face (and write the from-scratch row: the teacher's shape, random weights)
--> MLM probe on out-of-domain text -> fine-tune on each task and mode. Probes and fine-tunings are jobs
-(`tcd-ds probe`, `tcd-ds finetune`, started by module), run side by side in the preset's device slots.
+"""The protocol as stages: pre-train teacher, MoE baseline, MoE+TCD (one TCD run per ablated relation location,
+and one per teacher strength: distilled from an earlier checkpoint of the same teacher) -> convert each to Hugging
+Face (and write the from-scratch row: the teacher's shape, random weights) -> MLM probe on out-of-domain text ->
+fine-tune on each column (task, training-set size, mode) at each learning rate of the grid and each seed. Probes
+and fine-tunings are jobs (`tcd-ds probe`, `tcd-ds finetune`, started by module), run side by side in the preset's
+device slots.
 
 Layout of the output directory:
     pretrain/<model>/        run directories (a given `run` is used where it is)
     hf/<model>/              converted models (hf/scratch: the from-scratch model)
     probe/<model>.json       out-of-domain MLM loss and accuracy
-    finetune/<model>/<task>_<mode>.json
+    finetune/<model>/<column>/lr_<lr>_seed_<seed>.json
     stages/, logs/           a marker and a log per stage
 """
 
@@ -20,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tcd_ds.downstream.spec import FinetuneSpec, ProbeSpec
-from tcd_ds.protocol.preset import Finetuning, Preset, Pretraining
+from tcd_ds.protocol.preset import Finetuning, Preset, Pretraining, teacher_keep_last
 from tcd_ds.protocol.stages import Stage, command, in_process
 from tcd_ds.rundir import RunDir
+from tcd_ds.rundir.layout import tag_for
 from tcd_ds.spec import as_overrides
 from tcd_ds.train.launch import deepspeed_command
 
@@ -75,8 +78,11 @@ def pretrained_model(name: str, source: Pretraining, preset: Preset, out: Path, 
 
 
 def models(preset: Preset, out: Path) -> list[Model]:
-    """Teacher, MoE baseline, MoE+TCD, then one TCD student per ablated location, with that location off."""
-    teacher = pretrained_model("teacher", preset.teacher, preset, out)
+    """Teacher, MoE baseline, MoE+TCD, then one TCD student per ablated location, with that location off, and one
+    per teacher strength, distilled from the teacher's checkpoint at that step (the teacher keeps them)."""
+    keep = teacher_keep_last(preset)
+    teacher = pretrained_model("teacher", preset.teacher, preset, out,
+                               [] if keep is None else [f"--checkpoint.keep_last={keep}"])
     moe = pretrained_model("moe", preset.moe, preset, out)
     distill_from = [] if preset.tcd.run is not None else [f"--distill.teacher={teacher.run_dir}"]
     tcd = pretrained_model("tcd", preset.tcd, preset, out, distill_from, {"teacher": teacher.pretrain_key})
@@ -85,7 +91,18 @@ def models(preset: Preset, out: Path) -> list[Model]:
                          [*distill_from, f"--distill.{loc}.enabled=False"], {"teacher": teacher.pretrain_key})
         for loc in preset.ablate
     ]
-    return [teacher, moe, tcd, *ablated]
+    strengths = [
+        pretrained_model(strength_model(step), preset.tcd, preset, out,
+                         [f"--distill.teacher={teacher.run_dir}", f"--distill.teacher_tag={tag_for(step)}"],
+                         {"teacher": teacher.pretrain_key, "teacher_step": step})
+        for step in preset.teacher_strengths
+    ]
+    return [teacher, moe, tcd, *ablated, *strengths]
+
+
+def strength_model(step: int) -> str:
+    """The row of the TCD student distilled from the teacher at `step`."""
+    return f"tcd@{step}"
 
 
 def convert_stage(model: Model, hf_dir: Path, key: dict) -> Stage:
@@ -122,13 +139,48 @@ def probe_stage(model: str, hf_dir: Path, preset: Preset, out: Path, key: dict) 
     return Stage(f"probe {model}", key, command(job_command("tcd_ds.cli.probe", spec)), [result_file], job=True)
 
 
-def finetune_stage(model: str, hf_dir: Path, task: str, mode: str, ft: Finetuning, out: Path, key: dict) -> Stage:
-    """`tcd-ds finetune` with the preset's settings for this task and mode, over the preset's seeds, a job."""
-    result_file = finetune_result(out, model, task, mode)
-    spec = FinetuneSpec(**ft.model_dump(exclude={"tasks", "modes"}), model=str(hf_dir), task=task, mode=mode,
-                        out=str(result_file))
-    return Stage(f"finetune {model} {task_name(task)} {mode}", key, command(job_command("tcd_ds.cli.finetune", spec)),
-                 [result_file], job=True)
+@dataclass(frozen=True)
+class Column:
+    """One column of the comparison: a task, fine-tuned on at most `size` training examples (None: the
+    settings' max_train_examples), in one mode."""
+
+    task: str
+    size: int | None
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return f"{task_name(self.task)}{'' if self.size is None else f' {self.size} ex.'} {self.mode}"
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace(" ex.", "").replace(" ", "_")
+
+
+def columns(ft: Finetuning) -> list[Column]:
+    return [Column(task, size, mode) for task in ft.tasks for size in ft.train_sizes for mode in ft.modes]
+
+
+def finetune_jobs(out: Path, model: str, column: Column, ft: Finetuning) -> list[tuple[float, int, Path]]:
+    """(lr, seed, result file) of every fine-tuning job of a model in a column: one per lr of the grid and seed."""
+    return [(lr, seed, out / "finetune" / model / column.slug / f"lr_{lr:g}_seed_{seed}.json")
+            for lr in ft.lr_for(column.mode) for seed in ft.seeds]
+
+
+def finetune_stages(model: str, hf_dir: Path, column: Column, ft: Finetuning, out: Path, key: dict) -> list[Stage]:
+    """`tcd-ds finetune` with the preset's settings for this column, one job per learning rate and seed."""
+    settings = ft.model_dump(exclude={"tasks", "modes", "train_sizes"})
+    if column.size is not None:
+        settings["max_train_examples"] = column.size
+    stages = []
+    for lr, seed, result_file in finetune_jobs(out, model, column, ft):
+        grid = "lr" if column.mode == "full" else "adapter_lr"
+        spec = FinetuneSpec(**{**settings, grid: [lr], "seeds": [seed]}, model=str(hf_dir), task=column.task,
+                            mode=column.mode, out=str(result_file))
+        stages.append(Stage(f"finetune {model} {column.slug} lr {lr:g} seed {seed}",
+                            {**key, "column": column.name, "lr": lr, "seed": seed},
+                            command(job_command("tcd_ds.cli.finetune", spec)), [result_file], job=True))
+    return stages
 
 
 def stages(preset: Preset, out: Path) -> tuple[list[Model], list[Stage]]:
@@ -146,17 +198,12 @@ def stages(preset: Preset, out: Path) -> tuple[list[Model], list[Stage]]:
         key = {"model": convert_keys[m.name], "probe": preset.probe.model_dump()}
         result.append(probe_stage(m.name, out / "hf" / m.name, preset, out, key))
     ft = preset.finetune
-    settings = ft.model_dump(exclude={"tasks", "modes"})
+    settings = ft.model_dump(exclude={"tasks", "modes", "train_sizes", "lr", "adapter_lr", "seeds"})
     for m in rows:
-        for task in ft.tasks:
-            for mode in ft.modes:
-                key = {"model": convert_keys[m.name], "task": task, "mode": mode, "settings": settings}
-                result.append(finetune_stage(m.name, out / "hf" / m.name, task, mode, ft, out, key))
+        for column in columns(ft):
+            key = {"model": convert_keys[m.name], "settings": settings}
+            result += finetune_stages(m.name, out / "hf" / m.name, column, ft, out, key)
     return rows, result
-
-
-def finetune_result(out: Path, model: str, task: str, mode: str) -> Path:
-    return out / "finetune" / model / f"{task_name(task)}_{mode}.json"
 
 
 def probe_result(out: Path, model: str) -> Path:

@@ -99,19 +99,56 @@ def routing(records: Records, path: Path) -> None:
 
 
 def downstream_scores(results: dict, path: Path) -> None:
-    """Per task and mode: each seed's score (dots) and the mean with its standard deviation, per model."""
+    """Per column: each seed's score (dots) and the mean with its standard deviation, per model (top); each
+    model's paired difference to the MoE baseline with its t interval over seeds, filled where it excludes zero
+    (bottom)."""
     columns = list(results["models"][0]["downstream"])
-    fig, axes = plt.subplots(1, len(columns), figsize=(max(5, 1.2 * len(results["models"])) * len(columns), 4),
+    fig, axes = plt.subplots(2, len(columns), figsize=(max(5, 1.2 * len(results["models"])) * len(columns), 7),
                              squeeze=False)
     names = [m["name"] for m in results["models"]]
-    for ax, column in zip(axes[0], columns):
+    for top, bottom, column in zip(axes[0], axes[1], columns):
         for x, m in enumerate(results["models"]):
             d = m["downstream"][column]
-            ax.scatter([x] * len(d["scores"]), d["scores"], color="grey", s=12, zorder=2)
-            ax.errorbar(x, d["mean"], yerr=d["std"], fmt="o", color="C0", capsize=4, zorder=3)
+            top.scatter([x] * len(d["scores"]), d["scores"], color="grey", s=12, zorder=2)
+            top.errorbar(x, d["mean"], yerr=d["std"], fmt="o", color="C0", capsize=4, zorder=3)
+            diff = m["differences"][column].get("moe")
+            if diff is not None:
+                t = diff["t"]
+                bottom.errorbar(x, t["mean"], yerr=[[t["mean"] - t["low"]], [t["high"] - t["mean"]]], fmt="o",
+                                capsize=4, color="C3", mfc="C3" if t["excludes_zero"] else "white")
         d = results["models"][0]["downstream"][column]
-        ax.set(title=column, ylabel=f"{d['split']} {d['metric']}", xticks=range(len(names)))
-        ax.set_xticklabels(names, rotation=20)
+        top.set(title=column, ylabel=f"{d['split']} {d['metric']}", xticks=range(len(names)))
+        top.set_xticklabels(names, rotation=20)
+        bottom.axhline(0, color="grey", lw=0.8)
+        bottom.set(ylabel="minus moe (95% t interval)", xticks=range(len(names)))
+        bottom.set_xticklabels(names, rotation=20)
+    save(fig, path)
+
+
+def teacher_strength(points: list[dict], moe: dict, path: Path) -> None:
+    """Per column: the TCD student's downstream score (mean, t interval of its difference to moe) and its
+    out-of-domain MLM loss against the teacher's validation MLM loss at the checkpoint it was distilled from; the
+    MoE baseline as a horizontal band (its mean ± standard deviation over seeds)."""
+    columns = list(points[0]["downstream"])
+    fig, axes = plt.subplots(1, len(columns) + 1, figsize=(5 * (len(columns) + 1), 4), squeeze=False)
+    x = [p["teacher_val_mlm"] for p in points]
+    for ax, column in zip(axes[0], columns):
+        base = moe["downstream"][column]
+        ax.axhspan(base["mean"] - base["std"], base["mean"] + base["std"], color="grey", alpha=0.25, label="moe")
+        means = [p["downstream"][column]["mean"] for p in points]
+        diffs = [p["differences"][column]["moe"] for p in points]
+        errors = [[d["mean"] - d["t"]["low"] for d in diffs], [d["t"]["high"] - d["mean"] for d in diffs]]
+        ax.errorbar(x, means, yerr=errors, fmt="o-", capsize=4, label="tcd (95% t interval of its difference to moe)")
+        for xi, yi, p in zip(x, means, points):
+            ax.annotate(f"step {p['teacher_step']}", (xi, yi), fontsize=7, textcoords="offset points", xytext=(4, 4))
+        d = points[0]["downstream"][column]
+        ax.set(title=column, xlabel="teacher MLM loss (val): weaker ->", ylabel=f"{d['split']} {d['metric']}")
+        ax.legend(fontsize=7)
+    ood = axes[0][-1]
+    ood.axhline(moe["ood_mlm"]["loss"], color="grey", label="moe")
+    ood.plot(x, [p["ood_mlm"]["loss"] for p in points], "o-", label="tcd")
+    ood.set(title="out-of-domain MLM", xlabel="teacher MLM loss (val): weaker ->", ylabel="MLM loss")
+    ood.legend(fontsize=7)
     save(fig, path)
 
 
@@ -130,4 +167,8 @@ def write_plots(records: Records, results: dict, directory: Path) -> list[Path]:
     expert_load(records, paths[2])
     routing(records, paths[3])
     downstream_scores(results, paths[4])
+    if "teacher_strength" in results:
+        paths.append(directory / "teacher_strength.png")
+        moe = next(m for m in results["models"] if m["name"] == "moe")
+        teacher_strength(results["teacher_strength"], moe, paths[-1])
     return paths

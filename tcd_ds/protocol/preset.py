@@ -9,6 +9,7 @@ stage starts.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -61,6 +62,14 @@ class Finetuning(FinetuneSettings):
 
     tasks: Annotated[list[str], Field(min_length=1)] = ["movie_reviews"]
     modes: Annotated[list[Mode], Field(min_length=1)] = ["full"]
+    train_sizes: Annotated[list[Annotated[int, Field(gt=0)] | None], Field(min_length=1)] = Field(
+        [None], description="a column per size: fine-tune on at most this many training examples (the same draw "
+        "for every model and seed); null: max_train_examples")
+
+    @model_validator(mode="after")
+    def _grid_needs_heldout(self) -> Finetuning:
+        self.check_grid(self.modes)
+        return self
 
 
 class Jobs(Section):
@@ -79,6 +88,8 @@ class Preset(Section):
     moe: Pretraining
     tcd: Pretraining
     ablate: list[RelationLocation] = Field([], description="relation locations to drop one at a time (extra TCD runs)")
+    teacher_strengths: list[Annotated[int, Field(gt=0)]] = Field(
+        [], description="teacher steps (checkpoints of the one teacher run) to distil one more TCD student from each")
     scratch: bool = Field(True, description="a row with the teacher's shape and random weights, fine-tuned the same way")
     finetune: Finetuning = Field(default_factory=Finetuning)
     probe: ProbeSettings = Field(default_factory=ProbeSettings)
@@ -113,6 +124,7 @@ def check_preset(preset: Preset) -> dict[str, RunSpec]:
     if alone:
         raise SpecError([f"ablate: without {alone[0]}, its only enabled location, the TCD student has nothing to "
                          "distil"])
+    check_teacher_strengths(preset, specs["teacher"])
     for task in preset.finetune.tasks:
         if task not in GLUE:  # a GLUE task is downloaded by its fine-tuning
             try:
@@ -121,6 +133,32 @@ def check_preset(preset: Preset) -> dict[str, RunSpec]:
                 raise SpecError([f"finetune.tasks: {e}"]) from None
     check_text_files(preset.probe.files, "probe.files")
     return specs
+
+
+def check_teacher_strengths(preset: Preset, teacher: RunSpec) -> None:
+    """Each strength must be a checkpoint of the teacher (kept to the end of its run) with its validation loss
+    logged: a multiple of its checkpoint and evaluation cadence, within its steps."""
+    every = teacher.checkpoint.every * teacher.train.eval_every // math.gcd(teacher.checkpoint.every,
+                                                                              teacher.train.eval_every)
+    bad = [step for step in preset.teacher_strengths if step % every or step > teacher.train.steps]
+    if bad:
+        raise SpecError([f"teacher_strengths: {bad} are not teacher steps with a checkpoint and a validation loss "
+                         f"(multiples of {every} up to {teacher.train.steps}: checkpoint.every and train.eval_every)"])
+    if preset.teacher.run is not None:
+        missing = [step for step in preset.teacher_strengths if step not in RunDir(preset.teacher.run).steps()]
+        if missing:
+            raise SpecError([f"teacher_strengths: the teacher run {preset.teacher.run} has no checkpoint of steps "
+                             f"{missing}"])
+
+
+def teacher_keep_last(preset: Preset) -> int | None:
+    """How many checkpoints a teacher trained here keeps so that every strength's checkpoint survives; None: no
+    strengths, or a given teacher run."""
+    if not preset.teacher_strengths or preset.teacher.run is not None:
+        return None
+    teacher = validate(RunSpec, preset.teacher.raw_spec())
+    every, steps = teacher.checkpoint.every, teacher.train.steps
+    return max(teacher.checkpoint.keep_last, (steps - min(preset.teacher_strengths)) // every + 2)  # + the last
 
 
 def stage_spec(preset: Preset, name: str) -> RunSpec:
