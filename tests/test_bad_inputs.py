@@ -10,9 +10,9 @@ from tokenizers.models import WordLevel
 from transformers import BertConfig, PreTrainedTokenizerFast
 
 from conftest import LAUNCH_ENV, REPO, STUDENT_TCD, TEACHER, fast, launch_command
+from tcd_ds.cli import pretrain
 from tcd_ds.data.text import CorpusError
 from tcd_ds.data.tokenizer import build_tokenizer
-from tcd_ds.cli import pretrain
 
 
 

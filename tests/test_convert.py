@@ -18,8 +18,8 @@ from conftest import REPO, free_port, launch
 from tcd_ds.cli.convert import main as convert_main
 from tcd_ds.hf.convert import convert, write_atomically
 from tcd_ds.models.modeling_moe_bert import MoEBertForMaskedLM
-from tcd_ds.rundir import Checkpoint, CheckpointError, locate_checkpoint
 from tcd_ds.resources import PRESETS
+from tcd_ds.rundir import Checkpoint, CheckpointError, locate_checkpoint
 
 STUDENT, TEACHER = PRESETS / "student_tiny_moe.yaml", PRESETS / "teacher_tiny.yaml"
 # Eval capacity factor = num_experts: capacity = every token of a micro-batch, so no expert can overflow and

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from conftest import (
     LAUNCH_ENV, REPO, STUDENT_TCD, TEACHER, fast, final_weights, free_port, launch, launch_command, losses_by_step,
 )
-from tcd_ds.train.metrics import read_metrics
 from tcd_ds.checks import STALE_AFTER_MINUTES, warn_on_stale_build_locks
+from tcd_ds.train.metrics import read_metrics
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:

@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 from conftest import (
     LOSSES, REPO, STUDENT_MOE, STUDENT_TCD, TEACHER, fast, final_weights, free_port, launch, losses_by_step,
 )
-from tcd_ds.train.metrics import read_metrics
 from tcd_ds.resources import BUNDLED
+from tcd_ds.train.metrics import read_metrics
 
 
 def test_teacher_run_trains_logs_and_checkpoints(teacher_run):

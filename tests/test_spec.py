@@ -10,9 +10,9 @@ import yaml
 
 from conftest import REPO
 from tcd_ds.checks import check_files, check_spec
-from tcd_ds.train.ds_config import deepspeed_config
-from tcd_ds.spec import SpecError, load_spec
 from tcd_ds.resources import PRESETS
+from tcd_ds.spec import SpecError, load_spec
+from tcd_ds.train.ds_config import deepspeed_config
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from conftest import REPO, free_port
-from tcd_ds.spec import load_spec
-from tcd_ds.train.metrics import read_metrics
 from tcd_ds.cli import sweep as sweep_local
 from tcd_ds.resources import PRESETS, find_file
+from tcd_ds.spec import load_spec
+from tcd_ds.train.metrics import read_metrics
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # sweeps 0.2.0's pydantic-1 style model

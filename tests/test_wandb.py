@@ -14,11 +14,11 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 from wandb.sdk.lib.config_util import save_config_file_from_dict
 
 from conftest import LAUNCH_ENV, REPO, launch_command
+from tcd_ds.cli import pretrain
+from tcd_ds.resources import PRESETS
 from tcd_ds.spec import load_spec
 from tcd_ds.train.metrics import read_metrics
 from tcd_ds.train.wandb_run import agent_overrides
-from tcd_ds.cli import pretrain
-from tcd_ds.resources import PRESETS
 
 TEACHER = PRESETS / "teacher_tiny.yaml"
 SECRET = "tcdtest" + "0123456789abcdef" * 2 + "4242"  # an API key's shape (40 characters)
