@@ -22,7 +22,6 @@ from benchmarks.measure import PhaseTimer, Times, timed
 from tcd_ds.data.loader import seeded_generator
 from tcd_ds.distill.relations import RelationDistiller
 from tcd_ds.models.configs import bert_kwargs
-from tcd_ds.resources import PRESETS
 from tcd_ds.spec import RunSpec, load_spec
 from tcd_ds.train.trainer import Trainer, seed_step
 
@@ -40,7 +39,7 @@ def run_spec(preset: str, kind: str, run_dir: Path, cache_dir: str, world: int, 
              overrides: tuple[str, ...] = ()) -> RunSpec:
     """A preset's spec with one micro-batch per rank per step (a fixed per-rank batch whatever the world);
     `overrides` (`--a.b=v`) come last."""
-    path = PRESETS / dict(zip(("dense", "moe", "tcd"), PRESETS[preset]))[kind]
+    path = dict(zip(("dense", "moe", "tcd"), PRESETS[preset]))[kind].removesuffix(".yaml")  # a shipped spec
     teacher_arg = [f"--distill.teacher={teacher}"] if kind == "tcd" else []
     base = load_spec(path, [*teacher_arg, *overrides])
     args = [

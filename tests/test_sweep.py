@@ -1,7 +1,6 @@
 """Sweeps: the shipped sweep files are valid W&B sweeps whose parameters the run spec accepts; the offline driver
 passes what `wandb agent` passes, feeds hyperband the trials' histories, and runs a real two-trial sweep."""
 
-import importlib.util
 import json
 import os
 import subprocess
