@@ -243,7 +243,7 @@ def test_local_task_files_of_each_format(tmp_path):
                      ".tsv")
     with pytest.raises(TaskError, match=r"train.tsv row 1: label '7' outside 0..1"):
         load_task(str(bad))
-    with pytest.raises(TaskError, match="neither a task directory nor a GLUE task"):
+    with pytest.raises(TaskError, match="neither a task directory, a bundled task .* nor a GLUE task"):
         load_task("no_such_task")
 
 
