@@ -17,12 +17,12 @@ import yaml
 
 from conftest import LAUNCH_ENV, REPO
 from tcd_ds.protocol.plan import stages
-from tcd_ds.protocol.preset import load_preset
+from tcd_ds.protocol.preset import Preset, check_comparison, load_preset, stage_specs
 from tcd_ds.protocol.report import markdown_table
 from tcd_ds.protocol.slots import make_slots
 from tcd_ds.protocol.stages import Stage, StageFailed, command, run_stages
 from tcd_ds.resources import PRESETS
-from tcd_ds.spec import SpecError
+from tcd_ds.spec import SpecError, validate
 from tcd_ds.train.metrics import read_metrics
 
 TINY = PRESETS / "protocol_tiny.yaml"
@@ -143,7 +143,7 @@ def test_rerun_skips_every_finished_stage(protocol):
     before = (out / "results.json").read_text()
     stdout = reproduce(out, *args).stdout
     progress = [line for line in stdout.splitlines() if line.startswith("[protocol ")]
-    assert len(progress) == 21  # 2 pre-trainings (not the given runs'), 4 conversions, the scratch model, 5 probes,
+    assert len(progress) == 22  # 2 pre-trainings (not the given runs'), 4 conversions, the scratch model, 5 probes,
     # 10 fine-tunings (one per seed)
     assert all(line.endswith("done in an earlier run, skipped") for line in progress), progress
     assert (out / "results.json").read_text() == before
@@ -176,7 +176,7 @@ def test_table_marks_constant_predictors():
            "differences": {"movie_reviews full": {}}}
     table = markdown_table({"probe": "nyt", "seeds": [1, 2], "models": [row]})
     assert "| 0.500 ± 0.000 (constant: seed 2) |" in table
-    assert "with the weights of the last epoch." in table and "they learnt nothing" in table
+    assert "with the weights of the last epoch;" in table and "they learnt nothing" in table
 
 
 def test_changed_settings_rerun_the_stage_and_what_follows_it(tmp_path):
@@ -254,7 +254,7 @@ def test_ablating_the_only_enabled_location_is_refused():
     (f"--tcd.overrides=[{BUDGET}, --model.moe.num_experts=2]", "they differ in: model"),
     ("--ablate=[nowhere]", "ablate"),
     ("--finetune.seeds=[]", "finetune.seeds"),
-    ("--finetune.lr=inf", "finetune.lr: Input should be a finite number"),
+    ("--finetune.lr=inf", "finetune.lr.0: Input should be a finite number"),
 ])
 def test_preset_refuses_an_unfair_or_invalid_comparison(override, message):
     with pytest.raises(SpecError, match=message):
@@ -266,16 +266,26 @@ def test_a_given_tcd_run_must_come_from_the_given_teacher(tcd_run, tmp_path):
         load_preset(TINY, ["--tcd.spec=null", f"--tcd.run={tcd_run}"])
 
 
-def test_the_cluster_preset_is_a_fair_comparison(tmp_path):
-    """protocol_small.yaml takes its teacher as a trained run, whose tokenizer its students use; with one in place
-    (here a stand-in: its spec and a tokenizer directory), the preset passes every check."""
-    teacher = tmp_path / "teacher_small"
+@pytest.mark.parametrize("name", ["small", "teacher_strength"])
+def test_the_cluster_presets_are_fair_comparisons(name, tmp_path, monkeypatch):
+    """The cluster presets take their teacher as a trained run, whose tokenizer their students use: without one,
+    the preset is refused naming it; with a stand-in (its spec and the checkpoints the strengths name), the
+    comparison passes its checks, and the stand-in's empty tokenizer folder is what the input check names."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match=r"teacher: run: runs/teacher_small is not a run directory of ours"):
+        load_preset(name)
+    teacher = tmp_path / "runs" / "teacher_small"
     (teacher / "tokenizer").mkdir(parents=True)
     (teacher / "spec.yaml").write_text((PRESETS / "teacher_small.yaml").read_text())
-    preset_file = PRESETS / "protocol_small.yaml"
-    with pytest.raises(SpecError, match=r"teacher: run: runs/teacher_small is not a run directory of ours"):
-        load_preset(preset_file)
-    tokenizer = f"--data.tokenizer.path={teacher / 'tokenizer'}"
-    preset = load_preset(preset_file, [f"--teacher.run={teacher}", f"--moe.overrides=[{tokenizer}]",
-                                       f"--tcd.overrides=[{tokenizer}]"])
-    assert preset.finetune.modes == ["full", "adapter"] and "stsb" in preset.finetune.tasks
+    for step in (4000, 10000, 20000, 30000):
+        (teacher / "checkpoints" / f"step_{step}").mkdir(parents=True)
+    preset = validate(Preset, yaml.safe_load((PRESETS / f"protocol_{name}.yaml").read_text()))
+    check_comparison(preset, stage_specs(preset))
+    assert preset.finetune.lr == [3e-5, 1e-4, 3e-4]
+    with pytest.raises(SpecError, match=r"moe: data.tokenizer.path: .*teacher_small/tokenizer holds no tokenizer"):
+        load_preset(name)
+
+
+def test_teacher_strengths_must_be_checkpoints_with_a_validation_loss():
+    with pytest.raises(SpecError, match=r"teacher_strengths: \[6\] are not teacher steps with a checkpoint"):
+        load_preset(TINY, ["--teacher_strengths=[4, 6]"])  # the tiny preset's teacher: both every 4 steps

@@ -100,11 +100,28 @@ COMPARED = ("model", "data", "optim", "train", "seed")
 
 
 def check_preset(preset: Preset) -> dict[str, RunSpec]:
-    """Each pre-training stage's spec with its overrides, validated and checked as its launch will check it, after
-    checking that the comparison is fair: the baseline is the TCD student without its teacher (same model, data,
-    optimiser and step budget), and a given TCD run was distilled from the given teacher. Then the tasks and the
-    probe text. A SpecError names the stage or section and the field."""
-    specs = {name: stage_spec(preset, name) for name in ("teacher", "moe", "tcd")}
+    """Each pre-training stage's spec with its overrides, validated; the comparison's fairness; then everything
+    the stages will read, as their launches and jobs would check it. A SpecError names the stage or section and
+    the field."""
+    specs = stage_specs(preset)
+    check_comparison(preset, specs)
+    check_inputs(preset, specs)
+    return specs
+
+
+def stage_specs(preset: Preset) -> dict[str, RunSpec]:
+    specs = {}
+    for name in ("teacher", "moe", "tcd"):
+        try:
+            specs[name] = validate(RunSpec, getattr(preset, name).raw_spec())
+        except SpecError as e:
+            raise SpecError([f"{name}: {line}" for line in e.problems]) from None
+    return specs
+
+
+def check_comparison(preset: Preset, specs: dict[str, RunSpec]) -> None:
+    """The baseline is the TCD student without its teacher (same model, data, optimiser and step budget), a given
+    TCD run was distilled from the given teacher, and what is ablated or taken from the teacher exists."""
     moe, tcd = specs["moe"], specs["tcd"]
     if tcd.distill is None:
         raise SpecError(["tcd: the spec has no distill section"])
@@ -120,19 +137,35 @@ def check_preset(preset: Preset) -> dict[str, RunSpec]:
     disabled = [loc for loc in preset.ablate if loc not in enabled_locations(tcd)]
     if disabled:
         raise SpecError([f"ablate: {disabled} not enabled in the TCD student, nothing to drop"])
-    alone = [loc for loc in preset.ablate if not any(l != loc for l in enabled_locations(tcd))]
+    alone = [loc for loc in preset.ablate if not any(other != loc for other in enabled_locations(tcd))]
     if alone:
         raise SpecError([f"ablate: without {alone[0]}, its only enabled location, the TCD student has nothing to "
                          "distil"])
     check_teacher_strengths(preset, specs["teacher"])
+
+
+def check_inputs(preset: Preset, specs: dict[str, RunSpec]) -> None:
+    """What the stages read: each pre-training's world size and files (a TCD student's teacher only if it exists
+    already: else the protocol trains it), the tasks (not a GLUE task's: its fine-tuning downloads it), the probe
+    text."""
+    for name, spec in specs.items():
+        if getattr(preset, name).run is not None:
+            continue
+        try:
+            world_size = runner_world_size(preset.deepspeed)
+            if world_size is not None:
+                check_spec(spec, world_size)
+            teacher_trained_here = spec.distill is not None and preset.teacher.run is None
+            check_files(spec.model_copy(update={"distill": None}) if teacher_trained_here else spec)
+        except SpecError as e:
+            raise SpecError([f"{name}: {line}" for line in e.problems]) from None
     for task in preset.finetune.tasks:
-        if task not in GLUE:  # a GLUE task is downloaded by its fine-tuning
+        if task not in GLUE:
             try:
                 load_task(task)
             except TaskError as e:
                 raise SpecError([f"finetune.tasks: {e}"]) from None
     check_text_files(preset.probe.files, "probe.files")
-    return specs
 
 
 def check_teacher_strengths(preset: Preset, teacher: RunSpec) -> None:
@@ -159,23 +192,6 @@ def teacher_keep_last(preset: Preset) -> int | None:
     teacher = validate(RunSpec, preset.teacher.raw_spec())
     every, steps = teacher.checkpoint.every, teacher.train.steps
     return max(teacher.checkpoint.keep_last, (steps - min(preset.teacher_strengths)) // every + 2)  # + the last
-
-
-def stage_spec(preset: Preset, name: str) -> RunSpec:
-    """A pre-training stage's spec, validated with its overrides and checked (world size, files) before the first
-    stage starts. A TCD student's teacher is checked only if it exists already (else the protocol trains it)."""
-    source: Pretraining = getattr(preset, name)
-    try:
-        spec = validate(RunSpec, source.raw_spec())
-        if source.run is None:
-            world_size = runner_world_size(preset.deepspeed)
-            if world_size is not None:
-                check_spec(spec, world_size)
-            teacher_trained_here = spec.distill is not None and preset.teacher.run is None
-            check_files(spec.model_copy(update={"distill": None}) if teacher_trained_here else spec)
-    except SpecError as e:
-        raise SpecError([f"{name}: {line}" for line in e.problems]) from None
-    return spec
 
 
 def runner_world_size(runner_args: list[str]) -> int | None:
