@@ -21,6 +21,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--dry-run", action="store_true", help="validate, print spec and DeepSpeed config, exit")
     parser.add_argument("--print-schema", action="store_true", help="print the run spec's JSON Schema and exit")
     parser.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over in an existing run_dir; what is there moves to RUN/restarts/K/")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     return parser.parse_known_args(argv)
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tcd_ds.data.text import CorpusError
     from tcd_ds.distill.teacher import TeacherMismatch
+    from tcd_ds.rundir.relaunch import RelaunchRefused
+    from tcd_ds.train.faults import FileSystemFault
     from tcd_ds.train.preflight import warn_on_stale_build_locks
     from tcd_ds.train.guard import NonFiniteTraining
     from tcd_ds.train.trainer import train
@@ -67,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("LOCAL_RANK", "0") == "0":
         warn_on_stale_build_locks()
     try:
-        train(spec)
-    except (TeacherMismatch, CorpusError) as e:  # found once the student's tokenizer exists / the corpus is read
+        train(spec, restart=args.restart)
+    except (TeacherMismatch, CorpusError, RelaunchRefused) as e:  # need the student's tokenizer / the corpus
         exit_without_teardown(refuse(args.spec, e))
+    except FileSystemFault as e:  # every rank raises it; one line per node
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"[tcd-ds] {e}", file=sys.stderr)
+        exit_without_teardown(1)
     except NonFiniteTraining as e:
         print(f"[tcd-ds] {e}", file=sys.stderr)
         exit_without_teardown(3)
