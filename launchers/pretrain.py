@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
         check_world_size(spec, world_size)
         check_data_files(spec.data)
+        from tcd_ds.rundir.relaunch import check_relaunch
+
+        check_relaunch(spec, args.restart)
         if spec.distill is not None:
             from tcd_ds.distill.teacher import check_teacher_fits_spec
 
