@@ -93,8 +93,12 @@ class Checkpointer:
             problem = attempt(prepare, ckpt.dir)
         agree(problem, self.last_complete())
 
-        self.engine.save_checkpoint(str(self.run_dir.checkpoints), tag=ckpt.tag,
-                                    client_state={**client_state, "step": step}, save_latest=False)
+        try:
+            self.engine.save_checkpoint(str(self.run_dir.checkpoints), tag=ckpt.tag,
+                                        client_state={**client_state, "step": step}, save_latest=False)
+        except (OSError, RuntimeError) as e:  # a write outside the checkpoint engine (its recovery script)
+            self.writes.fault = self.writes.fault or describe(self.run_dir.checkpoints, e)
+            dist.barrier()  # after its first write DeepSpeed's only collective is its closing barrier: join it
         problem, self.writes.fault = self.writes.fault, None
         records = {}
         if problem is None:
