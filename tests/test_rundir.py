@@ -200,7 +200,7 @@ def test_an_incomplete_teacher_checkpoint_is_refused_before_launch(teacher_run, 
     # launchers/pretrain.py run directly: the refusal must come before DeepSpeed or any process group starts.
     proc = subprocess.run(
         [sys.executable, str(REPO / "launchers" / "pretrain.py"), "--spec", str(STUDENT_TCD),
-         *fast(tmp_path / "student", cache_dir), f"--distill.teacher={teacher}"],
+         *fast(tmp_path / "student", cache_dir), f"--distill.teacher={teacher}", "--model.moe.ep_size=1"],
         cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2
