@@ -189,6 +189,18 @@ def test_a_read_only_run_dir_ends_every_rank_with_one_line(teacher_run, cache_di
         assert_every_checkpoint_converts(run_dir, tmp_path / "hf")
 
 
+def test_a_metrics_file_that_cannot_be_written_stops_every_rank_at_the_next_logged_step(cache_dir, tmp_path):
+    """Only rank 0 writes metrics: it asks every rank to stop, and all of them end with its one line."""
+    run_dir = tmp_path / "run"
+    (run_dir / "metrics.jsonl").mkdir(parents=True)  # a path of the wrong kind
+    proc = launch(TEACHER, *fast(run_dir, cache_dir, steps=8), check=False)
+    assert proc.returncode == 1
+    line = assert_one_line_no_traceback(proc, "file system fault")
+    assert f"{run_dir / 'metrics.jsonl'}: Is a directory" in line
+    assert line.endswith("last complete checkpoint: none")
+    assert sealed_steps(run_dir) == []
+
+
 # --- the teacher, before launch -------------------------------------------------------------------------------
 
 

@@ -238,12 +238,12 @@ def locate_checkpoint(path: str | Path, tag: str | None, verify_contents: bool =
     """A run directory, its `checkpoints/` directory or one tag directory in it; `tag` (else the one a tag
     directory names, else `checkpoints/latest`) picks the checkpoint, which must be complete."""
     path = Path(path)
-    if (path / "spec.yaml").is_file():
+    if path.parent.name == "checkpoints" and (path.parent.parent / "spec.yaml").is_file():
+        run_dir, named = path.parent.parent, path.name  # a tag directory (which holds a spec.yaml of its own)
+    elif (path / "spec.yaml").is_file():
         run_dir, named = path, None
     elif path.name == "checkpoints" and (path.parent / "spec.yaml").is_file():
         run_dir, named = path.parent, None
-    elif path.parent.name == "checkpoints" and (path.parent.parent / "spec.yaml").is_file():
-        run_dir, named = path.parent.parent, path.name
     else:
         raise CheckpointError(
             f"{path} is not a run directory (with spec.yaml), its checkpoints/ directory or a tag directory in it"

@@ -129,8 +129,12 @@ class Trainer:
             self.scheduler.step()  # the schedule continues where the checkpoint left it
 
         self.wandb = open_wandb(spec, resumed.wandb_run_id) if self.rank == 0 else None
-        writers = [MetricsLog(self.run_dir.metrics_file, resumed.step), self.wandb] if self.rank == 0 else []
-        self.logger = MetricsLogger(spec.logging.every, global_batch * spec.data.seq_len, [w for w in writers if w])
+        writers = [self.wandb] if self.wandb else []
+        if self.rank == 0:  # MetricsLog reads the file back to the resumed step: a fault here ends every rank
+            problem = attempt(lambda: writers.append(MetricsLog(self.run_dir.metrics_file, resumed.step)),
+                              self.run_dir.metrics_file)
+        agree(problem if self.rank == 0 else None, self.checkpointer.last_complete())
+        self.logger = MetricsLogger(spec.logging.every, global_batch * spec.data.seq_len, writers)
         self.validation = Validation(val_batches, spec.train.eval_every, spec.train.steps)
         self.guard = NonFiniteGuard(self.engine, spec.train.max_skipped_steps, self.log)
 
@@ -188,7 +192,7 @@ class Trainer:
         if start:
             self.log(f"[tcd-ds] resumed from {self.run_dir.checkpoint(start).dir}")
         progress = tqdm(total=end, initial=start, disable=self.rank != 0 or not spec.logging.progress_bar, desc="train")
-        stop = StopRequest()
+        stop, write_fault = StopRequest(), None
 
         for step in range(start, end):
             seed_step(spec.seed, step, self.rank)
@@ -199,8 +203,9 @@ class Trainer:
             log_now = self.logger.should_log(done, end)
             if log_now or self.validation.should_run(done):
                 record = self.step_record(done)
-                agree(attempt(lambda: self.logger.write(record), self.run_dir.metrics_file),
-                      self.checkpointer.last_complete())
+                fault = attempt(lambda: self.logger.write(record), self.run_dir.metrics_file)
+                if fault is not None:  # rank 0 alone writes: it asks every rank to stop, then all agree below
+                    write_fault, stop.reason = write_fault or fault, stop.reason or "file system fault"
                 progress.set_postfix(loss=f"{record['loss/mlm']:.3f}")
             progress.update(1)
             if self.checkpointer.should_save(done, end):
@@ -210,6 +215,7 @@ class Trainer:
             if log_now and stop.agreed(self.engine.device):
                 break
         progress.close()
+        agree(write_fault, self.checkpointer.last_complete())
         last = self.checkpointer.last_saved
         finished = last >= spec.train.steps
         why = stop.reason or "train.steps_per_launch"
