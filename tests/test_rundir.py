@@ -100,6 +100,8 @@ def test_conversion_reads_the_checkpoints_spec_not_the_runs(teacher_run, tmp_pat
     spec["model"]["hidden_size"] = 128  # what a damaged or later run-level spec may say
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
     assert_every_checkpoint_converts(run_dir, tmp_path / "hf")
+    convert(run_dir / "checkpoints" / "step_8", tmp_path / "hf_tag_dir")  # a tag directory, itself with a spec
+    assert json.loads((tmp_path / "hf_tag_dir" / "config.json").read_text())["hidden_size"] == 64
 
 
 # --- relaunches: launches of the real launcher ----------------------------------------------------------------
@@ -189,8 +191,8 @@ def test_a_read_only_run_dir_ends_every_rank_with_one_line(teacher_run, cache_di
         assert_every_checkpoint_converts(run_dir, tmp_path / "hf")
 
 
-def test_a_metrics_file_that_cannot_be_written_stops_every_rank_at_the_next_logged_step(cache_dir, tmp_path):
-    """Only rank 0 writes metrics: it asks every rank to stop, and all of them end with its one line."""
+def test_a_metrics_file_that_cannot_be_used_ends_every_rank_with_one_line(cache_dir, tmp_path):
+    """Only rank 0 reads and writes metrics; every rank ends with its one line."""
     run_dir = tmp_path / "run"
     (run_dir / "metrics.jsonl").mkdir(parents=True)  # a path of the wrong kind
     proc = launch(TEACHER, *fast(run_dir, cache_dir, steps=8), check=False)
