@@ -129,11 +129,11 @@ class Trainer:
             self.scheduler.step()  # the schedule continues where the checkpoint left it
 
         self.wandb = open_wandb(spec, resumed.wandb_run_id) if self.rank == 0 else None
-        writers = [self.wandb] if self.wandb else []
+        writers, problem = [self.wandb] if self.wandb else [], None
         if self.rank == 0:  # MetricsLog reads the file back to the resumed step: a fault here ends every rank
             problem = attempt(lambda: writers.append(MetricsLog(self.run_dir.metrics_file, resumed.step)),
                               self.run_dir.metrics_file)
-        agree(problem if self.rank == 0 else None, self.checkpointer.last_complete())
+        agree(problem, self.checkpointer.last_complete())
         self.logger = MetricsLogger(spec.logging.every, global_batch * spec.data.seq_len, writers)
         self.validation = Validation(val_batches, spec.train.eval_every, spec.train.steps)
         self.guard = NonFiniteGuard(self.engine, spec.train.max_skipped_steps, self.log)
