@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import LAUNCH_ENV, REPO, STUDENT_TCD, TEACHER, fast, launch
+from tcd_ds.distill.teacher import locate_teacher
 from tcd_ds.hf.convert import convert
 from tcd_ds.rundir import Checkpoint, RunDir
 from tcd_ds.rundir.layout import MANIFEST
@@ -93,7 +94,7 @@ def test_a_checkpoint_without_its_own_spec_falls_back_to_the_run_spec(teacher_ru
         plan_relaunch(RunDir(run_dir), spec, "any fingerprint", restart=False)
 
 
-def test_conversion_reads_the_checkpoints_spec_not_the_runs(teacher_run, tmp_path):
+def test_conversion_and_the_teacher_read_the_checkpoints_spec_not_the_runs(teacher_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(teacher_run, run_dir)
     spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
@@ -102,6 +103,8 @@ def test_conversion_reads_the_checkpoints_spec_not_the_runs(teacher_run, tmp_pat
     assert_every_checkpoint_converts(run_dir, tmp_path / "hf")
     convert(run_dir / "checkpoints" / "step_8", tmp_path / "hf_tag_dir")  # a tag directory, itself with a spec
     assert json.loads((tmp_path / "hf_tag_dir" / "config.json").read_text())["hidden_size"] == 64
+    config, _ = locate_teacher(run_dir, None).config()
+    assert config.hidden_size == 64
 
 
 # --- relaunches: launches of the real launcher ----------------------------------------------------------------
