@@ -141,8 +141,8 @@ def test_a_relaunch_changing_the_model_is_refused_untouched_then_restarted(teach
 
     # Another tokenizer (trained from other text) is only known once built: refused by the trainer, still
     # before anything is written.
-    proc = launch(TEACHER, *fast(run_dir, cache_dir, steps=16), "--data.train=[data/wiki/train.txt, data/wiki/validation.txt]",
-                  check=False)
+    more_text = "--data.train=[data/wiki/train.txt, data/wiki/validation.txt]"
+    proc = launch(TEACHER, *fast(run_dir, cache_dir, steps=16), more_text, check=False)
     assert proc.returncode == 2
     assert_one_line_no_traceback(proc, "tokenizer: step_12 was trained with tokenizer")
     assert tree_hash(run_dir) == before
