@@ -105,11 +105,11 @@ def test_zero_relation_weights_give_the_moe_baseline(tmp_path, cache_dir, teache
 def test_teacher_of_another_shape_is_refused_before_start(teacher_run):
     proc = subprocess.run(
         [sys.executable, "-m", "tcd_ds.cli.pretrain", "--spec", str(STUDENT_TCD), "--dry-run", "--world-size=2",
-         f"--distill.teacher={teacher_run}", "--model.hidden_size=32", "--data.tokenizer.vocab_size=1500"],
+         f"--distill.teacher={teacher_run}", "--model.num_heads=4", "--data.tokenizer.vocab_size=1500"],
         capture_output=True, text=True, cwd=REPO,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "hidden_size: teacher has 64, student has 32" in proc.stderr
+    assert "num_attention_heads: teacher has 2, student has 4" in proc.stderr  # the attention relation is on
     assert "vocab_size: teacher has 2000, student has 1500" in proc.stderr
 
 

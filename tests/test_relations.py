@@ -73,10 +73,10 @@ def test_sample_positions_real_distinct_deterministic():
 # --- the distiller against a hand-written reference --------------------------------------------------------------
 
 
-def tiny_bert(seed: int) -> BertForMaskedLM:
+def tiny_bert(seed: int, hidden: int = HIDDEN) -> BertForMaskedLM:
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        vocab_size=50, hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     return BertForMaskedLM(config).double()
@@ -112,10 +112,10 @@ def reference_losses(s_caps, t_caps, positions) -> dict[str, torch.Tensor]:
     for location, s_list in s_caps.items():
         terms = []
         for s, t in zip(s_list, t_caps[location], strict=True):
-            s, t = s.reshape(-1, HIDDEN)[positions], t.reshape(-1, HIDDEN)[positions]
+            s, t = s.reshape(-1, s.shape[-1])[positions], t.reshape(-1, t.shape[-1])[positions]
             if location == "attention":
-                d = HIDDEN // HEADS
-                terms += [cosine_mse(s[:, h * d:(h + 1) * d], t[:, h * d:(h + 1) * d]) for h in range(HEADS)]
+                ds, dt = s.shape[-1] // HEADS, t.shape[-1] // HEADS
+                terms += [cosine_mse(s[:, h * ds:(h + 1) * ds], t[:, h * dt:(h + 1) * dt]) for h in range(HEADS)]
             else:
                 terms.append(cosine_mse(s, t))
         out[location] = torch.stack(terms).mean()
@@ -132,16 +132,17 @@ def run_distiller(student, teacher, input_ids, attention_mask, spec, generator):
     return losses, distiller.weighted_sum(losses)
 
 
-def reference_run(positions):
+def reference_run(positions, spec=None, teacher_hidden=HIDDEN):
     """One process, the whole batch, the given positions: losses, weighted total and student gradients."""
-    student, teacher = tiny_bert(0), tiny_bert(1).requires_grad_(False)
+    student, teacher = tiny_bert(0), tiny_bert(1, teacher_hidden).requires_grad_(False)
     input_ids, attention_mask = global_batch()
-    plan = TapPlan.from_spec(distill_spec("local", len(positions)), LAYERS)
+    plan = TapPlan.from_spec(spec or distill_spec("local", len(positions)), LAYERS)
     with Taps(student, plan) as s_taps, Taps(teacher, plan) as t_taps:
         student(input_ids=input_ids, attention_mask=attention_mask)
         teacher(input_ids=input_ids, attention_mask=attention_mask)
         losses = reference_losses(s_taps.captures, t_taps.captures, positions)
-    total = 0.5 * losses["trunk"] + 2.0 * losses["residual_inner"] + 3.0 * losses["attention"]
+    weights = {"trunk": 0.5, "residual_inner": 2.0, "attention": 3.0}
+    total = sum(weights[location] * loss for location, loss in losses.items())
     total.backward()
     return losses, total, {name: p.grad for name, p in student.named_parameters() if p.grad is not None}
 
@@ -159,6 +160,31 @@ def test_distiller_matches_reference_on_one_rank(scope):
 
     assert losses.keys() == ref_losses.keys() == {"trunk", "residual_inner", "attention"}
     for name in losses:
+        torch.testing.assert_close(losses[name], ref_losses[name], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(total, ref_total, rtol=1e-10, atol=1e-12)
+    grads = {name: p.grad for name, p in student.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_a_teacher_half_the_students_width_matches_the_reference(attention):
+    """Each model's cosines in its own width: trunk and residual_inner (and per-head attention, the head count
+    being equal) against the naive computation, losses and student gradients."""
+    spec = distill_spec("local", 10).model_copy(
+        update={"attention": AttentionRelationSpec(enabled=attention, weight=3.0, layers=[1, 2])}
+    )
+    student, teacher = tiny_bert(0), tiny_bert(1, HIDDEN // 2).requires_grad_(False)
+    input_ids, attention_mask = global_batch()
+    losses, total = run_distiller(student, teacher, input_ids, attention_mask, spec, torch.Generator().manual_seed(5))
+    total.backward()
+    positions = sample_positions(attention_mask, 10, torch.Generator().manual_seed(5))
+    ref_losses, ref_total, ref_grads = reference_run(positions, spec, teacher_hidden=HIDDEN // 2)
+
+    assert losses.keys() == ref_losses.keys() == {"trunk", "residual_inner", *(["attention"] if attention else [])}
+    for name in losses:
+        assert losses[name] > 0
         torch.testing.assert_close(losses[name], ref_losses[name], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(total, ref_total, rtol=1e-10, atol=1e-12)
     grads = {name: p.grad for name, p in student.named_parameters() if p.grad is not None}

@@ -142,22 +142,40 @@ def test_run_dir_teacher_loads_the_named_checkpoint(run_dir, where, tag, weights
     assert_same_encoder(teacher, dense_teacher(int(weights_of.removeprefix("step_"))), layers=3)
 
 
-def test_check_reads_configs_only(hf_dir, run_dir):
+def test_check_reads_configs_only_but_verifies_a_run_checkpoint(hf_dir, run_dir):
     (hf_dir / "model.safetensors").unlink()
     assert check_teacher_compatible(distill(hf_dir), student_config(), tokenizer(), 3).num_hidden_layers == 3
-    (run_dir / "checkpoints" / "step_4" / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
-    assert check_teacher_compatible(distill(run_dir), student_config(), tokenizer(), 3).hidden_size == 32
+    # A run's checkpoint is verified against its manifest when located: an incomplete one is refused before
+    # launch, not when its weights are read after the process group exists.
+    victim = run_dir / "checkpoints" / "step_4" / "mp_rank_00_model_states.pt"
+    victim.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"incomplete checkpoint .*{victim}.*truncated"):
+        check_teacher_compatible(distill(run_dir), student_config(), tokenizer(), 3)
+    assert check_teacher_compatible(distill(run_dir, teacher_tag="step_2"), student_config(), tokenizer(), 3)
+
+
+def test_a_teacher_of_another_width_is_accepted(hf_dir, run_dir):
+    """Relations compare N x N cosine matrices, each in its model's own width; per-head relations need the
+    head count to match, nothing else does."""
+    wider = student_config(DENSE.model_copy(update={"hidden_size": 64, "intermediate_size": 128}))
+    more_heads = student_config(DENSE.model_copy(update={"num_heads": 8}))
+    for teacher in (hf_dir, run_dir):
+        assert check_teacher_compatible(distill(teacher), wider, tokenizer(), 3).hidden_size == 32
+        assert check_teacher_compatible(distill(teacher), more_heads, tokenizer(), 3).num_attention_heads == 4
+        with_attention = distill(teacher, attention={"enabled": True})
+        assert check_teacher_compatible(with_attention, wider, tokenizer(), 3).hidden_size == 32
+        with pytest.raises(ValueError, match="num_attention_heads: teacher has 4, student has 8"):
+            check_teacher_compatible(with_attention, more_heads, tokenizer(), 3)
 
 
 @pytest.mark.parametrize("source", ["hf", "run"])
 def test_mismatches_are_rejected_naming_the_field(hf_dir, run_dir, source):
     teacher = distill(hf_dir if source == "hf" else run_dir)
     tok = tokenizer()
-    wider, more_heads = DENSE.model_copy(update={"hidden_size": 64}), DENSE.model_copy(update={"num_heads": 8})
     cases = [
-        (student_config(wider), tok, 1, "hidden_size: teacher has 32, student has 64"),
-        (student_config(more_heads), tok, 1, "num_attention_heads: teacher has 4, student has 8"),
         (student_config(tok=tokenizer(55)), tokenizer(55), 1, "vocab_size: teacher has 50, student has 60"),
+        (student_config(DENSE.model_copy(update={"num_layers": 4})), tok, 1,
+         "num_hidden_layers: teacher has 3, student has 4"),
         (student_config(), tok, 4, "num_hidden_layers: teacher has 3, the distilled layers need 4"),
     ]
     for config, student_tok, layers_needed, message in cases:

@@ -4,8 +4,11 @@
     tcd-ds pretrain --spec SPEC ...          # one process (and --dry-run / --print-schema anywhere)
 
 SPEC is a YAML file or a shipped spec's name (`tcd-ds presets`). `--dry-run` validates, prints the resolved spec
-and the generated DeepSpeed config, and exits (`--world-size N` to assume N ranks). Exit status 2: the spec, an
-override or a file it names cannot be used; nothing was started.
+and the generated DeepSpeed config, and exits (`--world-size N` to assume N ranks). Relaunching into a run
+directory resumes it; a spec that changes what its checkpoints are is refused unless `--restart` (which moves what
+is there to RUN_DIR/restarts/K/). Exit status 2: the spec, an override or a file it names cannot be used; nothing
+was started. Exit status 1: a file-system fault during the run (the line names the path and the last complete
+checkpoint).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     spec_name = None
     try:
         line = parse_command_line(argv, options=("spec", "world-size", "local_rank"),
-                                  flags=("dry-run", "print-schema"))
+                                  flags=("dry-run", "print-schema", "restart"))
         if "print-schema" in line.flags:
             return print_schema(RunSpec)
         spec_name = line.options.get("spec")
@@ -40,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         spec.run_dir = agent_run_dir(spec.run_dir, os.environ)
         from tcd_ds.checks import check_files, check_spec
 
+        from tcd_ds.rundir.relaunch import check_relaunch
+
         check_spec(spec, world_size)
         check_files(spec)
+        check_relaunch(spec, "restart" in line.flags)
     except (SpecError, ValueError) as e:
         return refuse(f"invalid run spec{' ' + spec_name if spec_name else ''}", e)
     if "dry-run" in line.flags:
@@ -55,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from tcd_ds.checks import warn_on_stale_build_locks
     from tcd_ds.data.text import CorpusError
     from tcd_ds.distill.teacher import TeacherMismatch
+    from tcd_ds.rundir.relaunch import RelaunchRefused
+    from tcd_ds.train.faults import FileSystemFault
     from tcd_ds.train.guard import NonFiniteTraining
     from tcd_ds.train.launch import free_port
     from tcd_ds.train.trainer import train
@@ -64,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("LOCAL_RANK", "0") == "0":
         warn_on_stale_build_locks()
     try:
-        train(spec)
-    except (TeacherMismatch, CorpusError) as e:  # found once the student's tokenizer exists / the corpus is read
+        train(spec, restart="restart" in line.flags)
+    except (TeacherMismatch, CorpusError, RelaunchRefused) as e:  # need the student's tokenizer / the corpus
         exit_without_teardown(refuse(f"invalid run spec{' ' + spec_name if spec_name else ''}", e))
+    except FileSystemFault as e:  # every rank raises it; one line per node
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"[tcd-ds] {e}", file=sys.stderr)
+        exit_without_teardown(1)
     except NonFiniteTraining as e:
         print(f"[tcd-ds] {e}", file=sys.stderr)
         exit_without_teardown(3)

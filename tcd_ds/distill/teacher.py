@@ -2,8 +2,10 @@
 
 A teacher is an HF directory (`config.json`, weights, tokenizer) or a dense run of ours: its run directory, its
 `checkpoints/` directory or one tag directory in it (tcd_ds.rundir), whose checkpoint must be complete (sealed
-by its manifest). It is located once per launch (`locate_teacher`); the checks read configs and tokenizers only,
-so a spec can be rejected before any process group starts or any weight is read. A run's weights are read the
+by its manifest, whose files are verified when it is located, so an incomplete one is refused before any
+process group starts). The checks read configs, tokenizers and the checkpoint's own spec, not weights. Only what
+the enabled relations need must match: the depth, the head count when attention relations are on, and the
+tokenizer; the width may differ (each model's cosines are computed in its own width). A run's weights are read the
 way the converter reads them: fp32 as trained, or the fp32 master weights of a bf16/fp16 run.
 """
 
@@ -19,7 +21,7 @@ from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
 
 from tcd_ds.data.tokenizer import load_tokenizer
 from tcd_ds.models.configs import bert_config
-from tcd_ds.rundir import Checkpoint, CheckpointError, RunDir, locate_checkpoint
+from tcd_ds.rundir import Checkpoint, CheckpointError, locate_checkpoint
 from tcd_ds.rundir.weights import full_state_dict
 from tcd_ds.spec import DistillSpec, ModelSpec, RunSpec
 
@@ -32,23 +34,20 @@ class TeacherSource:
 
     hf_dir: Path | None = None
     checkpoint: Checkpoint | None = None
-    run_spec: dict | None = None  # the run's resolved spec (a run's checkpoint only)
+    run_spec: dict | None = None  # the spec the checkpoint was written under (a run's checkpoint only)
     model: ModelSpec | None = None
 
     def config(self) -> tuple[BertConfig, PreTrainedTokenizerBase]:
         """The teacher's BertConfig and tokenizer, without reading weights."""
         if self.hf_dir is not None:
             return BertConfig.from_pretrained(self.hf_dir), load_tokenizer(self.hf_dir)
-        tokenizer = load_tokenizer(RunDir(self.checkpoint.run_dir).tokenizer_dir)
+        tokenizer = self.checkpoint.load_tokenizer()
         # Our runs build the model with vocab_size=len(tokenizer) (tcd_ds/train/trainer.py).
         return bert_config(self.model, len(tokenizer), tokenizer.pad_token_id), tokenizer
 
     def weights(self, config: BertConfig) -> BertForMaskedLM:
         if self.hf_dir is not None:
             return BertForMaskedLM.from_pretrained(self.hf_dir, local_files_only=True)
-        problem = self.checkpoint.problem()  # the launch-time check did not read the files
-        if problem is not None:
-            raise CheckpointError(f"distill.teacher: incomplete checkpoint {self.checkpoint.dir}: {problem}")
         dtype = (self.run_spec.get("train") or {}).get("dtype", "fp32")
         model = BertForMaskedLM(config)
         model.load_state_dict(full_state_dict(self.checkpoint, self.model, dtype)[0])
@@ -62,13 +61,13 @@ def locate_teacher(path: str | Path, tag: str | None) -> TeacherSource:
             raise ValueError(f"distill.teacher_tag ({tag}) is set but distill.teacher {path} is an HF directory")
         return TeacherSource(hf_dir=path)
     try:
-        checkpoint = locate_checkpoint(path, tag, verify_contents=False)
+        checkpoint = locate_checkpoint(path, tag)
+        run_spec, model = checkpoint.read_spec()
     except CheckpointError as e:
         field = "distill.teacher_tag" if tag is not None and str(e).startswith("unknown tag") else "distill.teacher"
         raise ValueError(
             f"{field}: {path} is neither an HF directory (config.json) nor a usable run of ours: {e}"
         ) from None
-    run_spec, model = RunDir(checkpoint.run_dir).read_spec()
     if model.moe is not None:
         raise ValueError(f"distill.teacher: {checkpoint.run_dir} is an MoE run; the teacher must be dense")
     return TeacherSource(checkpoint=checkpoint, run_spec=run_spec, model=model)
@@ -80,12 +79,15 @@ def compatibility_problems(
     student: BertConfig,
     student_tokenizer: PreTrainedTokenizerBase | None,
     layers_needed: int,
+    per_head: bool = True,
 ) -> list[str]:
     """What stops the teacher's representations from lining up with the student's, one line per field
-    (the tokenizers are compared when the student's is known)."""
+    (the tokenizers are compared when the student's is known). The widths may differ; the head counts must
+    match only for per-head (attention) relations."""
+    fields = ("num_attention_heads", "vocab_size") if per_head else ("vocab_size",)
     problems = [
         f"{field}: teacher has {getattr(teacher, field)}, student has {getattr(student, field)}"
-        for field in ("hidden_size", "num_attention_heads", "vocab_size")
+        for field in fields
         if getattr(teacher, field) != getattr(student, field)
     ]
     if teacher.num_hidden_layers != student.num_hidden_layers:  # TCD pairs layer i with layer i
@@ -120,7 +122,8 @@ def check_teacher_compatible(
     Reads no weights. `source`: the teacher, if already located."""
     source = source or locate_teacher(distill.teacher, distill.teacher_tag)
     config, tokenizer = source.config()
-    problems = compatibility_problems(config, tokenizer, student_config, student_tokenizer, layers_needed)
+    problems = compatibility_problems(config, tokenizer, student_config, student_tokenizer, layers_needed,
+                                      per_head=distill.attention.enabled)
     if problems:
         raise TeacherMismatch(
             f"distill.teacher {distill.teacher} does not fit the student:\n  " + "\n  ".join(problems)

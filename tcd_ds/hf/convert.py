@@ -15,7 +15,6 @@ from pathlib import Path
 
 from transformers import BertConfig, BertForMaskedLM, PreTrainedModel
 
-from tcd_ds.data.tokenizer import load_tokenizer
 from tcd_ds.hf.model_card import model_card
 from tcd_ds.models import modeling_moe_bert
 from tcd_ds.models.configs import model_config
@@ -74,10 +73,7 @@ def write_atomically(output: Path, fill: Callable[[Path], None]) -> None:
 
 def converted_model(ckpt: Checkpoint, spec: dict, model_spec: ModelSpec) -> tuple[PreTrainedModel, int, str]:
     """The HF model holding the checkpoint's weights, the checkpoint's step and where the weights came from."""
-    tokenizer_dir = RunDir(ckpt.run_dir).tokenizer_dir
-    if not tokenizer_dir.is_dir():
-        raise ConversionError(f"missing tokenizer directory {tokenizer_dir}")
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = ckpt.load_tokenizer()
     config = hf_config(model_spec, len(tokenizer), tokenizer.pad_token_id)
     model_class = BertForMaskedLM if model_spec.moe is None else modeling_moe_bert.MoEBertForMaskedLM
     model = model_class(config)
@@ -86,7 +82,8 @@ def converted_model(ckpt: Checkpoint, spec: dict, model_spec: ModelSpec) -> tupl
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise ConversionError(f"{ckpt.dir} does not fit the model {RunDir(ckpt.run_dir).spec_file} describes: {e}") from e
+        spec_file = ckpt.spec_file if ckpt.spec_file.is_file() else RunDir(ckpt.run_dir).spec_file
+        raise ConversionError(f"{ckpt.dir} does not fit the model {spec_file} describes: {e}") from e
     source = "fp32, as trained" if dtype == "fp32" else f"fp32 master weights from the ZeRO shards ({dtype} run)"
     return model.eval(), step, source
 
@@ -97,7 +94,7 @@ def convert(source: str | Path, output: str | Path, tag: str | None = None, forc
     ckpt = locate_checkpoint(source, tag)
     output = Path(output)
     check_output(output, force)
-    spec, model_spec = RunDir(ckpt.run_dir).read_spec()
+    spec, model_spec = ckpt.read_spec()  # the spec it was written under, not the run's latest
     model, step, weights_source = converted_model(ckpt, spec, model_spec)
     card = model_card(ckpt, spec, model_spec, step, model.config.vocab_size, weights_source)
 

@@ -20,10 +20,13 @@ from tcd_ds.distill.tcd import TCD
 from tcd_ds.models.build import build_model
 from tcd_ds.models.param_groups import moe_param_groups
 from tcd_ds.rundir import RunDir
+from tcd_ds.rundir.layout import tokenizer_fingerprint
+from tcd_ds.rundir.relaunch import RelaunchRefused, plan_relaunch
 from tcd_ds.spec import RunSpec, dump_spec
 from tcd_ds.train.checkpoint import Checkpointer
 from tcd_ds.train.ds_config import deepspeed_config
 from tcd_ds.train.evaluation import Validation
+from tcd_ds.train.faults import agree, attempt
 from tcd_ds.train.guard import NonFiniteGuard
 from tcd_ds.train.metrics import MetricsLog, MetricsLogger
 from tcd_ds.train.optim import build_optimizer, build_scheduler
@@ -81,7 +84,7 @@ def unlink_shm_comm_buffer(rank: int) -> None:
 class Trainer:
     """A run's components, built from the spec in data-flow order; `fit()` runs the loop."""
 
-    def __init__(self, spec: RunSpec):
+    def __init__(self, spec: RunSpec, restart: bool = False):
         prepare_data(spec.data)  # before any collective: tokenizing a corpus may outlast the collectives' timeout
         accelerator = get_accelerator()
         deepspeed.init_distributed(
@@ -94,15 +97,11 @@ class Trainer:
         self.spec = spec = rank0_spec(spec, self.rank)
         unlink_shm_comm_buffer(self.rank)
         self.run_dir = RunDir(spec.run_dir)
-        if self.rank == 0:
-            self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            self.run_dir.spec_file.write_text(dump_spec(spec))
-
         self.tokenizer, self.train_batches, val_batches, data_stats = build_data(spec, self.rank, world_size)
-        if self.rank == 0:
-            self.tokenizer.save_pretrained(self.run_dir.tokenizer_dir)
-            if data_stats.get("skipped_lines"):
-                print(f"[tcd-ds] skipped {data_stats['skipped_lines']} undecodable line(s) in data.train")
+        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.open_run_dir(spec, fingerprint, restart)
+        if self.rank == 0 and data_stats.get("skipped_lines"):
+            print(f"[tcd-ds] skipped {data_stats['skipped_lines']} undecodable line(s) in data.train")
 
         torch.manual_seed(spec.seed + self.rank)  # distinct experts per rank; DeepSpeed broadcasts shared weights
         self.model = build_model(spec.model, vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id)
@@ -117,9 +116,10 @@ class Trainer:
         tcd = TCD.build(spec, self.model, self.tokenizer, self.engine.device) if spec.distill else None
         self.train_step = TrainStep(self.engine, tcd, spec.seed, self.rank)
 
-        layout = {"world_size": world_size, "ep_size": spec.model.moe.ep_size if spec.model.moe else 1}
+        identity = {"world_size": world_size, "ep_size": spec.model.moe.ep_size if spec.model.moe else 1,
+                    "tokenizer": fingerprint}
         self.checkpointer = Checkpointer(self.engine, self.run_dir, spec.checkpoint.every, spec.checkpoint.keep_last,
-                                         layout)
+                                         identity, dump_spec(spec))
         self.resumed = resumed = self.checkpointer.resume()
         global_batch = spec.train.global_batch_size
         consumed = resumed.consumed_samples if resumed.consumed_samples is not None else resumed.step * global_batch
@@ -129,10 +129,39 @@ class Trainer:
             self.scheduler.step()  # the schedule continues where the checkpoint left it
 
         self.wandb = open_wandb(spec, resumed.wandb_run_id) if self.rank == 0 else None
-        writers = [MetricsLog(self.run_dir.metrics_file, resumed.step), self.wandb] if self.rank == 0 else []
-        self.logger = MetricsLogger(spec.logging.every, global_batch * spec.data.seq_len, [w for w in writers if w])
+        writers, problem = [self.wandb] if self.wandb else [], None
+        if self.rank == 0:  # MetricsLog reads the file back to the resumed step: a fault here ends every rank
+            problem = attempt(lambda: writers.append(MetricsLog(self.run_dir.metrics_file, resumed.step)),
+                              self.run_dir.metrics_file)
+        agree(problem, self.checkpointer.last_complete())
+        self.logger = MetricsLogger(spec.logging.every, global_batch * spec.data.seq_len, writers)
         self.validation = Validation(val_batches, spec.train.eval_every, spec.train.steps)
         self.guard = NonFiniteGuard(self.engine, spec.train.max_skipped_steps, self.log)
+
+    def open_run_dir(self, spec: RunSpec, fingerprint: str, restart: bool) -> None:
+        """Rank 0 decides whether this launch may continue the run directory (tcd_ds.rundir.relaunch) before
+        anything is written; every rank then raises the same RelaunchRefused, or rank 0 writes the spec, its
+        history and the tokenizer, and every rank agrees on whether that worked."""
+        verdict = [None]
+        if self.rank == 0:
+            try:
+                verdict = [plan_relaunch(self.run_dir, spec.model_dump(mode="json"), fingerprint, restart)]
+            except RelaunchRefused as e:
+                verdict = [e]
+        dist.broadcast_object_list(verdict, src=0)
+        if isinstance(verdict[0], RelaunchRefused):
+            raise verdict[0]
+        problem = None
+        if self.rank == 0:
+            for line in verdict[0].continued:
+                print(f"[tcd-ds] continuing {self.run_dir.path} under a changed spec: {line}", flush=True)
+
+            def write():
+                verdict[0].apply(dump_spec(spec))
+                self.tokenizer.save_pretrained(self.run_dir.tokenizer_dir)
+            problem = attempt(write, self.run_dir.path)
+        sealed = self.run_dir.newest_sealed() if not restart else None
+        agree(problem, sealed.dir if sealed else None)
 
     def log(self, line: str) -> None:
         if self.rank == 0:
@@ -163,7 +192,7 @@ class Trainer:
         if start:
             self.log(f"[tcd-ds] resumed from {self.run_dir.checkpoint(start).dir}")
         progress = tqdm(total=end, initial=start, disable=self.rank != 0 or not spec.logging.progress_bar, desc="train")
-        stop = StopRequest()
+        stop, write_fault = StopRequest(), None
 
         for step in range(start, end):
             seed_step(spec.seed, step, self.rank)
@@ -174,7 +203,9 @@ class Trainer:
             log_now = self.logger.should_log(done, end)
             if log_now or self.validation.should_run(done):
                 record = self.step_record(done)
-                self.logger.write(record)
+                fault = attempt(lambda: self.logger.write(record), self.run_dir.metrics_file)
+                if fault is not None:  # rank 0 alone writes: it asks every rank to stop, then all agree below
+                    write_fault, stop.reason = write_fault or fault, stop.reason or "file system fault"
                 progress.set_postfix(loss=f"{record['loss/mlm']:.3f}")
             progress.update(1)
             if self.checkpointer.should_save(done, end):
@@ -184,6 +215,7 @@ class Trainer:
             if log_now and stop.agreed(self.engine.device):
                 break
         progress.close()
+        agree(write_fault, self.checkpointer.last_complete())
         last = self.checkpointer.last_saved
         finished = last >= spec.train.steps
         why = stop.reason or "train.steps_per_launch"
@@ -194,5 +226,5 @@ class Trainer:
         dist.barrier()
 
 
-def train(spec: RunSpec) -> None:
-    Trainer(spec).fit()
+def train(spec: RunSpec, restart: bool = False) -> None:
+    Trainer(spec, restart).fit()
