@@ -145,6 +145,10 @@ class TrainSpec(Section):
     )
     eval_every: PositiveInt = 100
     eval_batches: PositiveInt = 8
+    deterministic: bool = Field(
+        False, description="Bitwise-reproducible CUDA runs (torch.use_deterministic_algorithms, cuBLAS workspace "
+        "config), at some speed; CPU runs are reproducible without it (README: exact resume)"
+    )
 
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> TrainSpec:
@@ -154,7 +158,10 @@ class TrainSpec(Section):
 
 class ParallelSpec(Section):
     zero_stage: Annotated[int, Field(ge=0)] = 2
-    overlap_comm: bool = False
+    overlap_comm: bool | None = Field(
+        None, description="Overlap ZeRO's gradient reduction with the backward; default: on with an accelerator "
+        "(CUDA streams), off on CPU, where gloo has nothing to overlap with"
+    )
     timeout_minutes: PositiveInt = 30
 
     @field_validator("zero_stage")
