@@ -46,9 +46,13 @@ def test_batches_are_well_formed(dataset, tokenizer):
     assert len(micro) == batches.grad_accum == 2
     rows = torch.tensor(dataset["input_ids"][:])
     for batch in micro:
+        masked = (batch["labels"].reshape(-1) != IGNORE_INDEX).sum().item()
         assert {k: tuple(v.shape) for k, v in batch.items()} == {
-            "input_ids": (2, SEQ_LEN), "attention_mask": (2, SEQ_LEN), "labels": (2, SEQ_LEN)
+            "input_ids": (2, SEQ_LEN), "attention_mask": (2, SEQ_LEN), "labels": (2, SEQ_LEN),
+            "masked_positions": (masked,),
         }
+        assert torch.equal(batch["labels"].reshape(-1)[batch["masked_positions"]] != IGNORE_INDEX,
+                           torch.ones(masked, dtype=torch.bool))
         originals = _originals(batch)
         assert all(any(torch.equal(o, r) for r in rows) for o in originals)  # labels restore the true ids
         assert torch.equal(batch["attention_mask"], (originals != 0).long())
@@ -75,7 +79,8 @@ def test_ranks_together_see_what_one_process_with_a_larger_micro_batch_sees(data
     for step in range(4):
         for j, whole in enumerate(single.micro_batches(step)):
             parts = [r.micro_batches(step)[j] for r in ranks]
-            assert _equal(whole, {k: torch.cat([p[k] for p in parts]) for k in whole})
+            rows = [k for k in whole if k != "masked_positions"]  # flat indices into the micro-batch: derived
+            assert _equal({k: whole[k] for k in rows}, {k: torch.cat([p[k] for p in parts]) for k in rows})
 
 
 def test_each_epoch_is_a_permutation_and_epochs_differ(dataset, tokenizer):
