@@ -64,9 +64,9 @@ def test_a_training_step_waits_only_where_deepspeed_does(tmp_path, cache_dir):
     common = [f"--data.cache_dir={cache_dir}", "--logging.progress_bar=False", "--train.eval_every=1000",
               "--checkpoint.every=1000"]
     teacher = counted_launch(TEACHER, tmp_path / "teacher.json", f"--run_dir={tmp_path / 'teacher'}",
-                             "--train.steps=2", *common)
+                             "--train.steps=4", *common)
     check_steps(teacher["steps"])
-    student = counted_launch(STUDENT_TCD, tmp_path / "tcd.json", f"--run_dir={tmp_path / 'tcd'}", "--train.steps=2",
+    student = counted_launch(STUDENT_TCD, tmp_path / "tcd.json", f"--run_dir={tmp_path / 'tcd'}", "--train.steps=4",
                              "--model.moe.ep_size=1", f"--distill.teacher={tmp_path / 'teacher'}", *common)
     check_steps(student["steps"])
     assert any(s.startswith("deepspeed/moe/") for s in student["steps"][-1])  # the MoE layers ran
