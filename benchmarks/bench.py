@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-rounds", type=int, default=2, help="interleaved (1 rank, N ranks) launch pairs")
     parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "tcd_ds"), help="tokenizer and data cache")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a couple of steps: checks it runs")
+    parser.add_argument("--preset", choices=["quick", "demo", "small"], default=None,
+                        help="the run specs' shapes (default: demo, quick with --quick)")
     parser.add_argument("--experts", action="store_true",
                         help="only the expert-count comparison (issue 13): OUT/experts.json and OUT/experts.md")
     args = parser.parse_args(argv)
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     os.chdir(REPO)  # the presets' data paths are relative to the repository
     cfg = {
-        "work": str(work), "preset": "quick" if args.quick else "demo", "cache_dir": args.cache_dir,
+        "work": str(work), "preset": args.preset or ("quick" if args.quick else "demo"), "cache_dir": args.cache_dir,
         "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
         "peak_budget_s": 0.1 if args.quick else 0.5, "relation_ns": [8, 16] if args.quick else [32, 64, 128, 256, 512],
         "scaling_blocks": 2 if args.quick else 4,

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = {  # dense, MoE baseline, MoE + TCD
     "demo": ("teacher_demo.yaml", "student_demo_moe.yaml", "student_demo_tcd.yaml"),
     "quick": ("teacher_tiny.yaml", "student_tiny_moe.yaml", "student_tiny_tcd.yaml"),
+    "small": ("teacher_small.yaml", "student_moe_small.yaml", "student_tcd_small.yaml"),  # tools/gpu_check.sh
 }
 STEPS = {"hf": "HF BertForMaskedLM + torch AdamW (DDP)", "dense_full_head": "ours, dense, full MLM head",
          "dense": "ours, dense", "moe": "ours, MoE, MLM only", "tcd": "ours, MoE + TCD"}
