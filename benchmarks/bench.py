@@ -116,9 +116,10 @@ def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
         "dense": builds.stepper("dense", name="teacher"),
         "moe": builds.stepper("moe"),
         "tcd": builds.stepper("tcd"),
-        "teacher_full": torch.no_grad()(lambda: full_teacher(on_device["input_ids"], on_device["attention_mask"])),
+        "teacher_full": torch.no_grad()(
+            lambda: full_teacher(on_device["input_ids"], on_device.get("attention_mask"))),
         "teacher_cut": lambda: distillation.teacher_forward(on_device),
-        "relations": relation_bench(distillation.distiller, captures, first["attention_mask"]),
+        "relations": relation_bench(distillation.distiller, captures, first.get("attention_mask")),
     }
     seconds = rounds_of(variants, cfg["rounds"], cfg["steps"])
     flop_rates = {clock: {kind: [statistics.mean(p[kind][clock] for p in ranks)  # mean over ranks
@@ -131,7 +132,7 @@ def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
         for scope in ("local", "global"):
             spec = d.model_copy(update={"num_positions": n, "scope": scope})
             distiller = RelationDistiller(spec, distillation.distiller.plan, config.num_attention_heads)
-            scan[f"{n}/{scope}"] = relation_bench(distiller, captures, first["attention_mask"])
+            scan[f"{n}/{scope}"] = relation_bench(distiller, captures, first.get("attention_mask"))
     relation_seconds = rounds_of(scan, cfg["rounds"], 3)
     profiles = {name: top_ops(variants[name]) for name in ("hf", "dense", "moe", "tcd")}
     syncs = {name: sync_sites(variants[name]) for name in ("dense", "moe", "tcd")}

@@ -63,6 +63,25 @@ def trained(run: Path, steps: int) -> str:
     return f"loss/mlm {records[0]['loss/mlm']:.3f} -> {records[-1]['loss/mlm']:.3f}"
 
 
+def converted(out: Path) -> str:
+    """Both converted models load as users load them (the teacher as plain BERT, the student through the Auto
+    class with its shipped code) and give finite logits on the device."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = []
+    for name, load in (("hf_teacher", BertForMaskedLM.from_pretrained),
+                       ("hf_tcd", lambda d: AutoModelForMaskedLM.from_pretrained(d, trust_remote_code=True))):
+        model = load(out / name).to(device).eval()
+        ids = AutoTokenizer.from_pretrained(out / name)("A converted model reads text.", return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**ids.to(device)).logits
+        assert torch.isfinite(logits).all(), name
+        result.append(f"{name}: {type(model).__name__}")
+    return ", ".join(result)
+
+
 def sync_sites(out: Path) -> str:
     from benchmarks.host_syncs import unexpected
 
@@ -110,10 +129,9 @@ def check_paths(out: Path, want: str) -> list[CheckPath]:
                   lambda: trained(teacher, 20)),
         CheckPath("tcd_student_bf16_teacher", 150, [tcd_launch], lambda: trained(tcd, 10), ["teacher_bf16"]),
         CheckPath("resume", 120, [tcd_launch], lambda: trained(tcd, 20), ["tcd_student"]),
-        CheckPath("convert_bf16_shards", 120, [[PY, "tools/convert_to_hf.py", str(teacher), str(out / "hf_teacher"),
-                                                "--force"],
-                                               [PY, "tools/convert_to_hf.py", str(tcd), str(out / "hf_tcd"), "--force"]],
-                  lambda: (out / "hf_tcd" / "model.safetensors").is_file() or 1 / 0, ["resume"]),
+        CheckPath("convert_bf16_shards", 120, [[PY, "tools/convert_to_hf.py", str(run), str(out / f"hf_{run.name}"),
+                                                "--force"] for run in (teacher, tcd)],
+                  lambda: converted(out), ["resume"]),
         CheckPath("probe_cuda", 90, [[PY, "launchers/probe.py", str(out / "hf_tcd"),
                                       "data/tasks/nyt_editorials/sentences.txt", "--seq-len", "64",
                                       f"--cache-dir={cache}", f"--out={out / 'probe.json'}"]],
@@ -195,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if bench.is_file() and not args.dry_run:
         report += ["", bench.read_text()]
     (out / "gpu_check.md").write_text("\n".join(report) + "\n")
-    print(f"{len(lines) - len(failed)}/{len(lines)} paths passed in {time.monotonic() - start:.0f} s; {out}/gpu_check.md")
+    took = time.monotonic() - start
+    print(f"{len(lines) - len(failed)}/{len(lines)} paths passed in {took:.0f} s; {out}/gpu_check.md")
     return len(failed)
 
 

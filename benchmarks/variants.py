@@ -91,7 +91,8 @@ class HFBaseline:
         self.device = device
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return self.model(**to_device(batch, self.device)).loss
+        hf_batch = {k: v for k, v in batch.items() if k != "masked_positions"}  # HF's head runs at every token
+        return self.model(**to_device(hf_batch, self.device)).loss
 
     def step(self, micro_batches: list[Batch], step: int = 0) -> None:
         self.loss(micro_batches[0]).backward()
@@ -104,7 +105,7 @@ def full_head_step(trainer: Trainer, micro_batches: list[Batch], step: int = 0) 
     """Our dense step without the masked-head fast path: without `masked_positions` the head is HF's, with
     logits at every token."""
     b = to_device(micro_batches[0], trainer.engine.device)
-    out = trainer.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+    out = trainer.engine(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), labels=b["labels"])
     trainer.engine.backward(out.loss)
     trainer.engine.step()
 
@@ -208,7 +209,7 @@ def captures_of(trainer: Trainer, batch: Batch) -> tuple[dict, dict]:
     tcd = trainer.train_step.tcd
     tcd.teacher_forward(b)
     with torch.no_grad():
-        trainer.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        trainer.engine(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"))
     student = {loc: [t.detach().clone().requires_grad_() for t in slots]
                for loc, slots in tcd.student_taps.captures.items()}
     teacher = {loc: [t.clone() for t in slots] for loc, slots in tcd.teacher_taps.captures.items()}
@@ -241,7 +242,7 @@ def mlm_loss_check(dense: Trainer, moe: Trainer, hf: HFBaseline, batch: Batch) -
         return trainer.train_step.losses(batch, seeded_generator(0, "bench", "loss check"))["mlm"]
 
     def moe_full_head() -> torch.Tensor:
-        logits = moe.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = moe.engine(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1))
 
     b = to_device(batch, dense.engine.device)

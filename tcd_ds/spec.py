@@ -162,6 +162,12 @@ class ParallelSpec(Section):
         None, description="Overlap ZeRO's gradient reduction with the backward; default: on with an accelerator "
         "(CUDA streams), off on CPU, where gloo has nothing to overlap with"
     )
+    reduce_bucket_size: PositiveInt | None = Field(
+        None, description="ZeRO gradient elements per reduction; default by accelerator (tcd_ds/train/ds_config.py)"
+    )
+    allgather_bucket_size: PositiveInt | None = Field(
+        None, description="ZeRO parameter elements per all-gather after the step; default by accelerator"
+    )
     timeout_minutes: PositiveInt = 30
 
     @field_validator("zero_stage")

@@ -40,8 +40,9 @@ def test_zero2_overlaps_and_buckets_on_gpu_only():
     assert gpu["overlap_comm"] and gpu["reduce_bucket_size"] == GPU_REDUCE_BUCKET
     assert not cpu["overlap_comm"] and cpu["reduce_bucket_size"] == CPU_BUCKET
     forced = spec()
-    forced.parallel.overlap_comm = True
-    assert deepspeed_config(forced, 1, accelerator="cpu")["zero_optimization"]["overlap_comm"]
+    forced.parallel.overlap_comm, forced.parallel.reduce_bucket_size = True, 1000
+    zero = deepspeed_config(forced, 1, accelerator="cpu")["zero_optimization"]
+    assert zero["overlap_comm"] and zero["reduce_bucket_size"] == 1000 and zero["allgather_bucket_size"] == CPU_BUCKET
 
 
 def engine_worker(rank: int, port: int, out: str) -> None:

@@ -9,8 +9,8 @@ from conftest import LAUNCH_ENV, REPO
 
 
 def test_the_gpu_check_dry_run_passes_every_path(tmp_path):
-    proc = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run"], cwd=REPO, env={**LAUNCH_ENV, "OUT": str(tmp_path)},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run"], cwd=REPO,
+                          env={**LAUNCH_ENV, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     names = [p.name for p in check_paths(tmp_path, "cpu")]
     assert [line.split()[1].rstrip(":") for line in lines] == names, proc.stdout + proc.stderr[-2000:]

@@ -42,7 +42,8 @@ class TCD:
         self.teacher_taps.clear()
         self.teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
 
-    def relation_losses(self, attention_mask: torch.Tensor | None, positions: torch.Generator) -> dict[str, torch.Tensor]:
+    def relation_losses(self, attention_mask: torch.Tensor | None,
+                        positions: torch.Generator) -> dict[str, torch.Tensor]:
         """Unweighted relation loss per enabled location, for the student forward that just ran; `positions`
         draws the sampled token positions (it must differ across ranks)."""
         losses = self.distiller(self.student_taps.captures, self.teacher_taps.captures, attention_mask, positions)

@@ -49,7 +49,8 @@ def deepspeed_config(spec: RunSpec, world_size: int, accelerator: str | None = N
     fp32 (DeepSpeed's default is the weights' dtype: bf16 sums of 8 micro-batches lose the low bits)."""
     t = spec.train
     on_cpu = (accelerator or accelerator_name()) == "cpu"
-    overlap = spec.parallel.overlap_comm if spec.parallel.overlap_comm is not None else not on_cpu
+    p = spec.parallel
+    overlap = p.overlap_comm if p.overlap_comm is not None else not on_cpu
     config = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -59,12 +60,12 @@ def deepspeed_config(spec: RunSpec, world_size: int, accelerator: str | None = N
         "wall_clock_breakdown": False,
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "zero_optimization": {
-            "stage": spec.parallel.zero_stage,
+            "stage": p.zero_stage,
             "contiguous_gradients": True,
             "reduce_scatter": True,
             "overlap_comm": overlap,
-            "reduce_bucket_size": CPU_BUCKET if on_cpu else GPU_REDUCE_BUCKET,
-            "allgather_bucket_size": CPU_BUCKET if on_cpu else GPU_ALLGATHER_BUCKET,
+            "reduce_bucket_size": p.reduce_bucket_size or (CPU_BUCKET if on_cpu else GPU_REDUCE_BUCKET),
+            "allgather_bucket_size": p.allgather_bucket_size or (CPU_BUCKET if on_cpu else GPU_ALLGATHER_BUCKET),
         },
         "zero_allow_untested_optimizer": True,
     }
