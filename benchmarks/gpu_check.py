@@ -74,7 +74,8 @@ def converted(out: Path) -> str:
     for name, load in (("hf_teacher", BertForMaskedLM.from_pretrained),
                        ("hf_tcd", lambda d: AutoModelForMaskedLM.from_pretrained(d, trust_remote_code=True))):
         model = load(out / name).to(device).eval()
-        ids = AutoTokenizer.from_pretrained(out / name)("A converted model reads text.", return_tensors="pt")
+        tokenizer = AutoTokenizer.from_pretrained(out / name, trust_remote_code=True)
+        ids = tokenizer("A converted model reads text.", return_tensors="pt")
         with torch.no_grad():
             logits = model(**ids.to(device)).logits
         assert torch.isfinite(logits).all(), name
