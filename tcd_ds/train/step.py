@@ -17,10 +17,10 @@ class TrainStep:
     MLM + weighted balance), the TCD loss, `engine.backward`, `engine.step` (DeepSpeed only updates at the
     accumulation boundary).
 
-    Nothing in a step reads a tensor on the host: what has a data-dependent shape comes with the batch (the masked
-    positions, an attention mask only where there is padding: `tcd_ds.data.mlm.mlm_batch`), the relation positions
-    are drawn without looking at the data, and the loss terms are returned as device tensors
-    (tests/test_host_syncs.py counts the step's host reads).
+    Nothing in a step reads a device tensor on the host: what has a data-dependent shape comes with the batch (the
+    masked positions, an attention mask only where there is padding: `tcd_ds.data.mlm.mlm_batch`), the relation
+    positions are drawn without looking at the data (with padding: from the host copy of the mask), and the loss
+    terms are returned as device tensors (tests/test_host_syncs.py counts the step's host reads).
     """
 
     def __init__(self, engine, tcd: TCD | None, seed: int, rank: int):
