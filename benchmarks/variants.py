@@ -31,6 +31,9 @@ PRESETS = {  # dense, MoE baseline, MoE + TCD
     "quick": ("teacher_tiny.yaml", "student_tiny_moe.yaml", "student_tiny_tcd.yaml"),
     "small": ("teacher_small.yaml", "student_moe_small.yaml", "student_tcd_small.yaml"),  # tools/gpu_check.sh
 }
+# The small preset trains on a hub corpus with the teacher's tokenizer; its shapes are what is measured, on the
+# bundled corpus with a tokenizer of its own (offline, no teacher run needed).
+PRESET_DATA = {"small": ("--data.hub=null", "--data.train=[data/wiki/train.txt]", "--data.tokenizer.path=null")}
 STEPS = {"hf": "HF BertForMaskedLM + torch AdamW (DDP)", "dense_full_head": "ours, dense, full MLM head",
          "dense": "ours, dense", "moe": "ours, MoE, MLM only", "tcd": "ours, MoE + TCD"}
 Batch = dict[str, torch.Tensor]
@@ -42,6 +45,7 @@ def run_spec(preset: str, kind: str, run_dir: Path, cache_dir: str, world: int, 
     `overrides` (`--a.b=v`) come last."""
     path = REPO / "ds_configs" / dict(zip(("dense", "moe", "tcd"), PRESETS[preset]))[kind]
     teacher_arg = [f"--distill.teacher={teacher}"] if kind == "tcd" else []
+    overrides = (*PRESET_DATA.get(preset, ()), *overrides)
     base = load_spec(path, [*teacher_arg, *overrides])
     args = [
         f"--run_dir={run_dir}", f"--data.cache_dir={cache_dir}", "--train.steps=100000",
