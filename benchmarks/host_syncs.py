@@ -7,9 +7,10 @@ counts every call that blocks the host until the device has caught up when its t
 read (`item`, `if tensor`, `float()`: aten `_local_scalar_dense`), an op whose output shape depends on the data
 (`nonzero`, boolean-mask indexing, `masked_select`, `bincount`, `unique`, `repeat_interleave` without
 `output_size`), `tolist`, `numpy`, and the accelerator's `synchronize()`. On CPU nothing waits, but each of these
-is a stall on a GPU, so the count stands in for one. Only the training thread counts (the loader's thread works on
-host tensors). A call site is the first frame outside torch. Writes `{"launch": {site: n}, "steps": [{site: n}
-for each TrainStep call]}`; the difference of two launches of different lengths is the count per step.
+is a stall on a GPU, so the count stands in for one. The loader's thread does not count (it works on host
+tensors); the training thread and the threads its backward runs on (CUDA) do. A call site is the first frame
+outside torch. Writes `{"launch": {site: n}, "steps": [{site: n} for each TrainStep call]}`; the difference of two
+launches of different lengths is the count per step.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten.bincoun
                   aten.unique_consecutive.default, aten.unique_dim.default, aten._local_scalar_dense.default}
 TORCH_DIR = str(Path(torch.__file__).parent)
 THIS_FILE = __file__.removesuffix("c")
+LOADER_THREAD = "tcd-ds-batches"  # tcd_ds.data.loader.PrefetchingBatches' thread
 
 
 def site(frame) -> str:
@@ -87,14 +89,14 @@ def blocks(func, args, kwargs) -> bool:
 
 
 class HostSyncs(TorchDispatchMode):
-    """Counts the blocking calls made on the thread that enters it into `counts` (swap in a fresh Counter to count
-    a phase apart). Python-level calls that dispatch no op (`tolist`, `numpy`, `synchronize`) are wrapped while it
-    is active."""
+    """Counts the blocking calls into `counts` (swap in a fresh Counter to count a phase apart): the ops dispatched
+    on the thread that enters it (and on the autograd threads that inherit its mode), and the Python-level calls
+    that dispatch no op (`tolist`, `numpy`, `synchronize`, wrapped while it is active) on any thread but the
+    loader's."""
 
     def __init__(self):
         super().__init__()
         self.counts: Counter[str] = Counter()
-        self.thread = threading.get_ident()
         self.cpu_only_checks = 0  # > 0 inside an op whose reads happen on CPU only
         self._restore = []
 
@@ -108,7 +110,7 @@ class HostSyncs(TorchDispatchMode):
         original = getattr(owner_obj, name)
 
         def counted(*args, **kwargs):
-            if threading.get_ident() == self.thread:
+            if not threading.current_thread().name.startswith(LOADER_THREAD):
                 self.counts[site(sys._getframe(1))] += 1
             return original(*args, **kwargs)
 
@@ -133,7 +135,6 @@ class HostSyncs(TorchDispatchMode):
     def __enter__(self):
         from deepspeed.accelerator import get_accelerator
 
-        self.thread = threading.get_ident()
         self._wrap(torch.Tensor, "tolist")
         self._wrap(torch.Tensor, "numpy")
         self._wrap(type(get_accelerator()), "synchronize")
