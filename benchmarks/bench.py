@@ -116,9 +116,10 @@ def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
         "dense": builds.stepper("dense", name="teacher"),
         "moe": builds.stepper("moe"),
         "tcd": builds.stepper("tcd"),
-        "teacher_full": torch.no_grad()(lambda: full_teacher(on_device["input_ids"], on_device["attention_mask"])),
+        "teacher_full": torch.no_grad()(
+            lambda: full_teacher(on_device["input_ids"], on_device.get("attention_mask"))),
         "teacher_cut": lambda: distillation.teacher_forward(on_device),
-        "relations": relation_bench(distillation.distiller, captures, first["attention_mask"]),
+        "relations": relation_bench(distillation.distiller, captures, first.get("attention_mask")),
     }
     seconds = rounds_of(variants, cfg["rounds"], cfg["steps"])
     flop_rates = {clock: {kind: [statistics.mean(p[kind][clock] for p in ranks)  # mean over ranks
@@ -131,7 +132,7 @@ def main_world(rank: int, world: int, port: int, cfg: dict) -> None:
         for scope in ("local", "global"):
             spec = d.model_copy(update={"num_positions": n, "scope": scope})
             distiller = RelationDistiller(spec, distillation.distiller.plan, config.num_attention_heads)
-            scan[f"{n}/{scope}"] = relation_bench(distiller, captures, first["attention_mask"])
+            scan[f"{n}/{scope}"] = relation_bench(distiller, captures, first.get("attention_mask"))
     relation_seconds = rounds_of(scan, cfg["rounds"], 3)
     profiles = {name: top_ops(variants[name]) for name in ("hf", "dense", "moe", "tcd")}
     syncs = {name: sync_sites(variants[name]) for name in ("dense", "moe", "tcd")}
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-rounds", type=int, default=2, help="interleaved (1 rank, N ranks) launch pairs")
     parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "tcd_ds"), help="tokenizer and data cache")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a couple of steps: checks it runs")
+    parser.add_argument("--preset", choices=["quick", "demo", "small"], default=None,
+                        help="the run specs' shapes (default: demo, quick with --quick)")
     parser.add_argument("--experts", action="store_true",
                         help="only the expert-count comparison (issue 13): OUT/experts.json and OUT/experts.md")
     args = parser.parse_args(argv)
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     os.chdir(REPO)  # runs/ and .cache/ in the checkout
     cfg = {
-        "work": str(work), "preset": "quick" if args.quick else "demo", "cache_dir": args.cache_dir,
+        "work": str(work), "preset": args.preset or ("quick" if args.quick else "demo"), "cache_dir": args.cache_dir,
         "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
         "peak_budget_s": 0.1 if args.quick else 0.5, "relation_ns": [8, 16] if args.quick else [32, 64, 128, 256, 512],
         "scaling_blocks": 2 if args.quick else 4,

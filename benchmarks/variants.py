@@ -29,7 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = {  # dense, MoE baseline, MoE + TCD
     "demo": ("teacher_demo.yaml", "student_demo_moe.yaml", "student_demo_tcd.yaml"),
     "quick": ("teacher_tiny.yaml", "student_tiny_moe.yaml", "student_tiny_tcd.yaml"),
+    "small": ("teacher_small.yaml", "student_moe_small.yaml", "student_tcd_small.yaml"),  # tools/gpu_check.sh
 }
+# The small preset trains on a hub corpus with the teacher's tokenizer; its shapes are what is measured, on the
+# bundled corpus with a tokenizer of its own (offline, no teacher run needed).
+PRESET_DATA = {"small": ("--data.hub=null", "--data.train=[data/wiki/train.txt]", "--data.tokenizer.path=null")}
 STEPS = {"hf": "HF BertForMaskedLM + torch AdamW (DDP)", "dense_full_head": "ours, dense, full MLM head",
          "dense": "ours, dense", "moe": "ours, MoE, MLM only", "tcd": "ours, MoE + TCD"}
 Batch = dict[str, torch.Tensor]
@@ -41,6 +45,7 @@ def run_spec(preset: str, kind: str, run_dir: Path, cache_dir: str, world: int, 
     `overrides` (`--a.b=v`) come last."""
     path = dict(zip(("dense", "moe", "tcd"), PRESETS[preset]))[kind].removesuffix(".yaml")  # a shipped spec
     teacher_arg = [f"--distill.teacher={teacher}"] if kind == "tcd" else []
+    overrides = (*PRESET_DATA.get(preset, ()), *overrides)
     base = load_spec(path, [*teacher_arg, *overrides])
     args = [
         f"--run_dir={run_dir}", f"--data.cache_dir={cache_dir}", "--train.steps=100000",
@@ -90,7 +95,8 @@ class HFBaseline:
         self.device = device
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return self.model(**to_device(batch, self.device)).loss
+        hf_batch = {k: v for k, v in batch.items() if k != "masked_positions"}  # HF's head runs at every token
+        return self.model(**to_device(hf_batch, self.device)).loss
 
     def step(self, micro_batches: list[Batch], step: int = 0) -> None:
         self.loss(micro_batches[0]).backward()
@@ -103,7 +109,7 @@ def full_head_step(trainer: Trainer, micro_batches: list[Batch], step: int = 0) 
     """Our dense step without the masked-head fast path: without `masked_positions` the head is HF's, with
     logits at every token."""
     b = to_device(micro_batches[0], trainer.engine.device)
-    out = trainer.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+    out = trainer.engine(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), labels=b["labels"])
     trainer.engine.backward(out.loss)
     trainer.engine.step()
 
@@ -207,7 +213,7 @@ def captures_of(trainer: Trainer, batch: Batch) -> tuple[dict, dict]:
     tcd = trainer.train_step.tcd
     tcd.teacher_forward(b)
     with torch.no_grad():
-        trainer.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        trainer.engine(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"))
     student = {loc: [t.detach().clone().requires_grad_() for t in slots]
                for loc, slots in tcd.student_taps.captures.items()}
     teacher = {loc: [t.clone() for t in slots] for loc, slots in tcd.teacher_taps.captures.items()}
@@ -240,7 +246,7 @@ def mlm_loss_check(dense: Trainer, moe: Trainer, hf: HFBaseline, batch: Batch) -
         return trainer.train_step.losses(batch, seeded_generator(0, "bench", "loss check"))["mlm"]
 
     def moe_full_head() -> torch.Tensor:
-        logits = moe.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = moe.engine(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1))
 
     b = to_device(batch, dense.engine.device)

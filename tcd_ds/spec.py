@@ -156,6 +156,10 @@ class TrainSpec(Section):
     )
     eval_every: PositiveInt = 100
     eval_batches: PositiveInt = 8
+    deterministic: bool = Field(
+        False, description="Bitwise-reproducible CUDA runs (torch.use_deterministic_algorithms, cuBLAS workspace "
+        "config), at some speed; CPU runs are reproducible without it (README: exact resume)"
+    )
 
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> TrainSpec:
@@ -165,7 +169,16 @@ class TrainSpec(Section):
 
 class ParallelSpec(Section):
     zero_stage: Annotated[int, Field(ge=0)] = 2
-    overlap_comm: bool = False
+    overlap_comm: bool | None = Field(
+        None, description="Overlap ZeRO's gradient reduction with the backward; default: on with an accelerator "
+        "(CUDA streams), off on CPU, where gloo has nothing to overlap with"
+    )
+    reduce_bucket_size: PositiveInt | None = Field(
+        None, description="ZeRO gradient elements per reduction; default by accelerator (tcd_ds/train/ds_config.py)"
+    )
+    allgather_bucket_size: PositiveInt | None = Field(
+        None, description="ZeRO parameter elements per all-gather after the step; default by accelerator"
+    )
     timeout_minutes: PositiveInt = 30
 
     @field_validator("zero_stage")

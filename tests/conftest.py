@@ -12,6 +12,7 @@ from tcd_ds.train.launch import deepspeed_command, free_port  # noqa: F401  (tes
 from tcd_ds.train.metrics import read_metrics
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TCD_DS_ALLOW_CPU_ON_GPU", "1")  # the tests run CPU ranks on purpose, on any machine
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -40,15 +40,28 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _rows(batch: dict) -> dict:
+    """The per-row tensors of a batch; `masked_positions` (flat indices into the micro-batch) derive from them."""
+    return {k: v for k, v in batch.items() if k != "masked_positions"}
+
+
+def _concat(parts: list[dict]) -> dict:
+    return {k: torch.cat([_rows(p)[k] for p in parts]) for k in _rows(parts[0])}
+
+
 def test_batches_are_well_formed(dataset, tokenizer):
     batches = MLMBatches(dataset, tokenizer, global_batch_size=8, micro_batch_size=2, rank=1, world_size=2, seed=3)
     micro = batches.micro_batches(0)
     assert len(micro) == batches.grad_accum == 2
     rows = torch.tensor(dataset["input_ids"][:])
     for batch in micro:
+        masked = (batch["labels"].reshape(-1) != IGNORE_INDEX).sum().item()
         assert {k: tuple(v.shape) for k, v in batch.items()} == {
-            "input_ids": (2, SEQ_LEN), "attention_mask": (2, SEQ_LEN), "labels": (2, SEQ_LEN)
+            "input_ids": (2, SEQ_LEN), "attention_mask": (2, SEQ_LEN), "labels": (2, SEQ_LEN),
+            "masked_positions": (masked,),
         }
+        assert torch.equal(batch["labels"].reshape(-1)[batch["masked_positions"]] != IGNORE_INDEX,
+                           torch.ones(masked, dtype=torch.bool))
         originals = _originals(batch)
         assert all(any(torch.equal(o, r) for r in rows) for o in originals)  # labels restore the true ids
         assert torch.equal(batch["attention_mask"], (originals != 0).long())
@@ -75,7 +88,7 @@ def test_ranks_together_see_what_one_process_with_a_larger_micro_batch_sees(data
     for step in range(4):
         for j, whole in enumerate(single.micro_batches(step)):
             parts = [r.micro_batches(step)[j] for r in ranks]
-            assert _equal(whole, {k: torch.cat([p[k] for p in parts]) for k in whole})
+            assert _equal(_rows(whole), _concat(parts))
 
 
 def test_each_epoch_is_a_permutation_and_epochs_differ(dataset, tokenizer):
@@ -103,6 +116,6 @@ def test_validation_batches_are_fixed_and_sharded(dataset, tokenizer):
     assert all(_equal(a, b) for a, b in zip(whole, validation_batches(dataset, tokenizer, 4, None, 0, 1, seed=2)))
     shards = [validation_batches(dataset, tokenizer, 2, 2, rank=r, world_size=2, seed=2) for r in range(2)]
     for b, batch in enumerate(whole):
-        assert _equal(batch, {k: torch.cat([shards[0][b][k], shards[1][b][k]]) for k in batch})
+        assert _equal(_rows(batch), _concat([shards[0][b], shards[1][b]]))
     with pytest.raises(ValueError, match="validation batches"):
         validation_batches(dataset, tokenizer, 4, 3, rank=0, world_size=1, seed=2)

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from tcd_ds.data.mlm import IGNORE_INDEX, mask_tokens
+from tcd_ds.data.mlm import IGNORE_INDEX, mask_tokens, mlm_batch
 
 VOCAB, MASK_ID = 500, 4
 SPECIAL = [0, 1, 2, 3, 4]
@@ -69,3 +69,18 @@ def test_mask_prob_extremes():
     everything = mask_tokens(ids, SPECIAL, VOCAB, MASK_ID, 1.0, torch.Generator().manual_seed(0))
     regular = ~torch.isin(ids, torch.tensor(SPECIAL))
     assert torch.equal(everything[1] != IGNORE_INDEX, regular)
+
+
+def test_a_batch_without_padding_has_no_attention_mask():
+    """All-ones masks cost every BERT forward a device read (transformers' `padding_mask.all()`): none is passed
+    where the blocks have no padding; the masked positions come precomputed."""
+    ids = torch.arange(12).reshape(2, 6)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 2], labels[1, 5] = 7, 9
+    full = mlm_batch(ids, labels, torch.ones_like(ids, dtype=torch.bool))
+    assert full.keys() == {"input_ids", "labels", "masked_positions"}
+    assert full["masked_positions"].tolist() == [2, 11]
+    real = torch.ones_like(ids, dtype=torch.bool)
+    real[1, 4:] = False
+    padded = mlm_batch(ids, labels, real)
+    assert torch.equal(padded["attention_mask"], real.long())

@@ -67,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     from tcd_ds.train.launch import free_port
     from tcd_ds.train.trainer import train
 
+    from tcd_ds.train.device import AcceleratorMismatch, check_accelerator
+    from tcd_ds.train.ds_config import accelerator_name
+
+    try:
+        check_accelerator(accelerator_name())
+    except AcceleratorMismatch as e:
+        return refuse("accelerator", e)
     if "RANK" not in os.environ:  # not started by a launcher: a world of one process
         os.environ.update({**SINGLE_PROCESS, "MASTER_PORT": str(free_port())})
     if os.environ.get("LOCAL_RANK", "0") == "0":

@@ -14,7 +14,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tcd_ds.data.mlm import apply_mask, mask_draws, regular_ids
+from tcd_ds.data.mlm import apply_mask, mask_draws, mlm_batch, regular_ids
 from tcd_ds.data.text import CorpusError
 from tcd_ds.spec import grad_accum_steps
 
@@ -135,11 +135,7 @@ def masked_batch(
         for whole, part in zip(draws, drawn):
             whole[row] = part
     corrupted, labels = apply_mask(input_ids, special, regular, *draws, tokenizer.mask_token_id, mask_prob)
-    return {
-        "input_ids": corrupted,
-        "attention_mask": (input_ids != tokenizer.pad_token_id).long(),
-        "labels": labels,
-    }
+    return mlm_batch(corrupted, labels, input_ids != tokenizer.pad_token_id)
 
 
 class PrefetchingBatches:

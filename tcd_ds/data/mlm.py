@@ -74,3 +74,14 @@ def masked_positions(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices (into B*T) of the labelled tokens: where the MLM head needs to run. Computed on the host copy
     of a batch, so that the device never waits on the data-dependent shape."""
     return labels.reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def mlm_batch(input_ids: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch as the training step takes it, with what has a data-dependent shape worked out here, on the host,
+    where the batch is built (the loader's thread): `masked_positions`, and an `attention_mask` only where a block
+    has padding (`real` False). Packed pre-training blocks have none; passing all ones anyway costs every BERT
+    forward a device read in transformers' mask check and SDPA its fused path."""
+    batch = {"input_ids": input_ids, "labels": labels, "masked_positions": masked_positions(labels)}
+    if not real.all():
+        batch["attention_mask"] = real.long()
+    return batch

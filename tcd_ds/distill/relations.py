@@ -20,15 +20,18 @@ from tcd_ds.spec import DistillSpec
 Captures = dict[str, list[torch.Tensor | None]]
 
 
-def sample_positions(attention_mask: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """`n` distinct flat indices into `B*T` among non-padding tokens, drawn from `generator` (on its device)."""
-    real = attention_mask.reshape(-1).nonzero().squeeze(1)
-    if real.numel() < n:
-        raise ValueError(
-            f"cannot sample {n} token positions: the micro-batch has only {real.numel()} non-padding tokens"
-        )
-    order = torch.randperm(real.numel(), generator=generator, device=generator.device)[:n]
-    return real[order.to(real.device)]
+def sample_positions(
+    attention_mask: torch.Tensor | None, n: int, generator: torch.Generator, num_tokens: int | None = None
+) -> torch.Tensor:
+    """`n` distinct flat indices into `B*T` among non-padding tokens, drawn from `generator` (on its device).
+    Without a mask (blocks without padding: `num_tokens` = B*T) the draw never looks at the data; with one, the
+    mask is read (`nonzero`), so give its host copy."""
+    real = None if attention_mask is None else attention_mask.reshape(-1).nonzero().squeeze(1)
+    available = num_tokens if real is None else real.numel()
+    if available < n:
+        raise ValueError(f"cannot sample {n} token positions: the micro-batch has only {available} non-padding tokens")
+    order = torch.randperm(available, generator=generator, device=generator.device)[:n]
+    return order if real is None else real[order.to(real.device)]
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -56,15 +59,16 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def rows_at(captures: Captures, positions: torch.Tensor) -> torch.Tensor:
-    """The sampled rows of every capture, stacked: `[K, n, H]` for K captures of `[B, T, H]`, in `captures` order.
-    `positions` may be on the host (drawn from the host copy of the mask): they move to the captures' device."""
+    """The sampled rows of every capture, stacked: `[K, n, H]` for K captures of `[B, T, H]`, in `captures` order,
+    in fp32 at least, so that the gather and the gradients it sums are fp32 under bf16 too. `positions` may be on
+    the host: they move to the captures' device."""
     rows = []
     for location, slots in captures.items():
         for slot, tensor in enumerate(slots):
             if tensor is None:
                 raise RuntimeError(f"no capture for {location}[{slot}]: the model did not run forward with its taps")
             positions = positions.to(tensor.device, non_blocking=True)
-            rows.append(tensor.reshape(-1, tensor.shape[-1])[positions])
+            rows.append(_at_least_fp32(tensor.reshape(-1, tensor.shape[-1])[positions]))
     return torch.stack(rows)
 
 
@@ -98,7 +102,7 @@ class RelationDistiller:
         return dist.get_world_size(self.group)
 
     def __call__(
-        self, student: Captures, teacher: Captures, attention_mask: torch.Tensor, generator: torch.Generator
+        self, student: Captures, teacher: Captures, attention_mask: torch.Tensor | None, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
         """`generator` must differ across ranks (else with global scope all ranks pick the same flat positions)."""
         world = self.world_size()
@@ -107,7 +111,9 @@ class RelationDistiller:
                 f"distill.num_positions ({self.num_positions}) must be divisible by the data-parallel world size "
                 f"({world}) with scope: global"
             )
-        positions = sample_positions(attention_mask, self.num_positions // world, generator)
+        shapes = [t.shape for slots in student.values() for t in slots if t is not None]
+        num_tokens = shapes[0][0] * shapes[0][1] if shapes else 0  # B*T; no capture: rows_at says so
+        positions = sample_positions(attention_mask, self.num_positions // world, generator, num_tokens)
         s_rows = rows_at(student, positions)
         t_rows = rows_at(teacher, positions).detach()
         if world > 1:

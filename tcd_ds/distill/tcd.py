@@ -40,9 +40,10 @@ class TCD:
     def teacher_forward(self, batch: dict[str, torch.Tensor]) -> None:
         """Fills the teacher's taps; run before the student's forward so both captures are there."""
         self.teacher_taps.clear()
-        self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        self.teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
 
-    def relation_losses(self, attention_mask: torch.Tensor, positions: torch.Generator) -> dict[str, torch.Tensor]:
+    def relation_losses(self, attention_mask: torch.Tensor | None,
+                        positions: torch.Generator) -> dict[str, torch.Tensor]:
         """Unweighted relation loss per enabled location, for the student forward that just ran; `positions`
         draws the sampled token positions (it must differ across ranks)."""
         losses = self.distiller(self.student_taps.captures, self.teacher_taps.captures, attention_mask, positions)
@@ -50,7 +51,7 @@ class TCD:
         self.teacher_taps.clear()
         return losses
 
-    def loss(self, student_loss: torch.Tensor, attention_mask: torch.Tensor,
+    def loss(self, student_loss: torch.Tensor, attention_mask: torch.Tensor | None,
              positions: torch.Generator) -> dict[str, torch.Tensor]:
         """Each relation term (unweighted) and `total`: the student's loss plus the weighted relation terms."""
         relations = self.relation_losses(attention_mask, positions)

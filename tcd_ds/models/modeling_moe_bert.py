@@ -303,8 +303,8 @@ class SparseMaskedLM:
             labels = None if labels is None else labels.reshape(-1).index_select(0, masked_positions)
         logits = self.cls(hidden)
         loss = None
-        if labels is not None:  # HF's MLM loss: label -100 is ignored
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        if labels is not None:  # HF's MLM loss: label -100 is ignored; fp32, as bf16 rounds a loss of 6.6 to 0.03
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                               attentions=outputs.attentions)
 

@@ -17,10 +17,11 @@ def mlm_sums(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: t
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for batch in batches:
-        positions = masked_positions(batch["labels"])
+        positions = batch["masked_positions"] if "masked_positions" in batch else masked_positions(batch["labels"])
         labels = batch["labels"].reshape(-1)[positions].to(device)
+        mask = batch.get("attention_mask")  # none where the blocks have no padding (tcd_ds.data.mlm.mlm_batch)
         logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            input_ids=batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device),
             masked_positions=positions.to(device),
         ).logits.float()
         sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()

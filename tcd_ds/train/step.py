@@ -7,7 +7,6 @@ from collections import defaultdict
 import torch
 
 from tcd_ds.data.loader import seeded_generator
-from tcd_ds.data.mlm import masked_positions
 from tcd_ds.distill.tcd import TCD
 
 Batch = dict[str, torch.Tensor]
@@ -18,9 +17,10 @@ class TrainStep:
     MLM + weighted balance), the TCD loss, `engine.backward`, `engine.step` (DeepSpeed only updates at the
     accumulation boundary).
 
-    Nothing in a step waits on the device: what needs data-dependent shapes (the masked positions, the sampled
-    relation positions) is computed from the batch while it is still on the host, and the loss terms are
-    returned as device tensors.
+    Nothing in a step reads a device tensor on the host: what has a data-dependent shape comes with the batch (the
+    masked positions, an attention mask only where there is padding: `tcd_ds.data.mlm.mlm_batch`), the relation
+    positions are drawn without looking at the data (with padding: from the host copy of the mask), and the loss
+    terms are returned as device tensors (tests/test_host_syncs.py counts the step's host reads).
     """
 
     def __init__(self, engine, tcd: TCD | None, seed: int, rank: int):
@@ -47,12 +47,11 @@ class TrainStep:
         batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
         if self.tcd is not None:
             self.tcd.teacher_forward(batch)
-        positions = masked_positions(host_batch["labels"]).to(device, non_blocking=True)
-        out = self.engine(**batch, masked_positions=positions)
+        out = self.engine(**batch)
         losses = {"mlm": out.loss, "total": out.loss}
         if getattr(out, "aux_loss", None) is not None:  # an MoE student: its loss includes the balance term
             losses["balance"] = out.aux_loss
             losses["mlm"] = out.loss.detach() - self.engine.module.config.balance_weight * out.aux_loss.detach()
         if self.tcd is not None:
-            losses.update(self.tcd.loss(out.loss, host_batch["attention_mask"], relation_positions))
+            losses.update(self.tcd.loss(out.loss, host_batch.get("attention_mask"), relation_positions))
         return losses

@@ -24,6 +24,7 @@ from tcd_ds.rundir.layout import tokenizer_fingerprint
 from tcd_ds.rundir.relaunch import RelaunchRefused, plan_relaunch
 from tcd_ds.spec import RunSpec, dump_spec
 from tcd_ds.train.checkpoint import Checkpointer
+from tcd_ds.train.device import prepare_device
 from tcd_ds.train.ds_config import deepspeed_config
 from tcd_ds.train.evaluation import Validation
 from tcd_ds.train.faults import agree, attempt
@@ -87,6 +88,7 @@ class Trainer:
     def __init__(self, spec: RunSpec, restart: bool = False):
         prepare_data(spec.data)  # before any collective: tokenizing a corpus may outlast the collectives' timeout
         accelerator = get_accelerator()
+        prepare_device(accelerator.device_name(), spec.train.deterministic)  # before any CUDA work
         deepspeed.init_distributed(
             dist_backend=accelerator.communication_backend_name(),
             timeout=timedelta(minutes=spec.parallel.timeout_minutes),
