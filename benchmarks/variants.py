@@ -33,7 +33,7 @@ PRESETS = {  # dense, MoE baseline, MoE + TCD
 }
 # The small preset trains on a hub corpus with the teacher's tokenizer; its shapes are what is measured, on the
 # bundled corpus with a tokenizer of its own (offline, no teacher run needed).
-PRESET_DATA = {"small": ("--data.hub=null", "--data.train=[data/wiki/train.txt]", "--data.tokenizer.path=null")}
+PRESET_DATA = {"small": ("--data.hub=null", "--data.train=[bundled:wiki/train.txt]", "--data.tokenizer.path=null")}
 STEPS = {"hf": "HF BertForMaskedLM + torch AdamW (DDP)", "dense_full_head": "ours, dense, full MLM head",
          "dense": "ours, dense", "moe": "ours, MoE, MLM only", "tcd": "ours, MoE + TCD"}
 Batch = dict[str, torch.Tensor]

@@ -1,12 +1,12 @@
-from pathlib import Path
 
 import pytest
 
 import tcd_ds.data.blocks as blocks_module
 from tcd_ds.data.blocks import build_block_dataset, pack_blocks
 from tcd_ds.data.tokenizer import build_tokenizer
+from tcd_ds.resources import BUNDLED
 
-WIKI_VALIDATION = Path(__file__).resolve().parents[1] / "data" / "wiki" / "validation.txt"
+WIKI_VALIDATION = BUNDLED / "wiki" / "validation.txt"
 C, S = 100, 101  # stand-ins for [CLS] and [SEP]
 
 

@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import datasets
 import pytest
@@ -7,8 +6,9 @@ import torch
 from tcd_ds.data.loader import MLMBatches, validation_batches
 from tcd_ds.data.mlm import IGNORE_INDEX
 from tcd_ds.data.tokenizer import build_tokenizer
+from tcd_ds.resources import BUNDLED
 
-WIKI_VALIDATION = Path(__file__).resolve().parents[1] / "data" / "wiki" / "validation.txt"
+WIKI_VALIDATION = BUNDLED / "wiki" / "validation.txt"
 NUM_BLOCKS, SEQ_LEN = 10, 16
 
 

@@ -25,8 +25,9 @@ from tcd_ds.data.prepare import prepare_data
 from tcd_ds.data.text import sample_lines
 from tcd_ds.data.tokenizer import build_tokenizer
 from tcd_ds.spec import load_spec
+from tcd_ds.resources import BUNDLED
 
-WIKI_VALIDATION = Path(__file__).resolve().parents[1] / "data" / "wiki" / "validation.txt"
+WIKI_VALIDATION = BUNDLED / "wiki" / "validation.txt"
 FORK = multiprocessing.get_context("fork")
 
 

@@ -8,8 +8,9 @@ from transformers import AutoTokenizer
 import tcd_ds.data.tokenizer as tokenizer_module
 from tcd_ds.data.blocks import tokenizer_identity
 from tcd_ds.data.tokenizer import SPM_MODEL_FILE, build_tokenizer, load_tokenizer
+from tcd_ds.resources import BUNDLED
 
-WIKI_VALIDATION = Path(__file__).resolve().parents[1] / "data" / "wiki" / "validation.txt"
+WIKI_VALIDATION = BUNDLED / "wiki" / "validation.txt"
 VOCAB = 1000
 
 
