@@ -72,7 +72,7 @@ def test_converted_moe_matches_per_expert_loop(path, experts, monkeypatch):
     each of its paths: `torch._grouped_mm`; without it, routing even enough for the padded product, and so
     uneven that it falls back to one product per expert."""
     if path != "grouped_mm":
-        monkeypatch.setattr(plain_module, "grouped_mm_supported", lambda rows: False)
+        monkeypatch.setattr(plain_module, "grouped_mm_supported", lambda device, dtype: False)
     torch.manual_seed(0)
     hidden = experts  # room for a gate row per expert
     dtype = torch.float32 if path == "grouped_mm" else torch.float64  # torch._grouped_mm has no float64
