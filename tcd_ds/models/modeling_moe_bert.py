@@ -45,9 +45,11 @@ Routing is DeepSpeed's top-1 gate (`deepspeed.moe.sharded_moe.top1gating`) writt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
@@ -111,9 +113,10 @@ class Top1Gate(nn.Module):
 
     def capacity(self, num_tokens: int) -> int:
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        # DeepSpeed multiplies by a float32 tensor, so the product (and its ceiling) is float32's.
-        scaled = num_tokens / self.wg.out_features * torch.tensor(factor, dtype=torch.float32)
-        return max(int(torch.ceil(scaled)), self.min_capacity)
+        # DeepSpeed multiplies by a float32 tensor, so the product (and its ceiling) is float32's; numpy's float32
+        # gives the same on the host, with no tensor to read back.
+        scaled = np.float32(num_tokens / self.wg.out_features) * np.float32(factor)
+        return max(math.ceil(scaled), self.min_capacity)
 
     def forward(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """x [S, H] -> expert [S] (long), probs [S, E] (fp32), kept [S] (bool). Autocast is off: under it `.float()`
