@@ -43,7 +43,7 @@ from benchmarks.measure import (clocks, every_rank, forward_flops, matmul_peaks,
                            parameter_memory, rounds_of, step_memory, sync_sites, top_ops)
 from benchmarks.report import experts_markdown, markdown, summarize, summarize_experts
 from benchmarks.variants import (REPO, VARIANT_SETS, Builds, HFBaseline, Stepper, captures_of, full_head_step,
-                            mlm_loss_check, phase_breakdown, relation_bench, to_device)
+                                 mlm_loss_check, moe_memory, moe_split, phase_breakdown, relation_bench, to_device)
 from tcd_ds.data.mlm import IGNORE_INDEX
 from tcd_ds.distill.relations import RelationDistiller
 from tcd_ds.train.launch import free_port
@@ -210,11 +210,15 @@ def experts_world(rank: int, world: int, port: int, cfg: dict) -> None:
     seconds = rounds_of(steppers, cfg["rounds"], cfg["steps"])
     trainers = builds.trainers
     breakdown = {name: phase_breakdown(trainers[name], builds.batches, cfg["rounds"]) for name in ("dense", "moe64")}
+    moe = [name for name in trainers if name != "dense"]
+    split = {name: moe_split(trainers[name], builds.batches, cfg["rounds"]) for name in moe}
+    moe_bytes = {name: moe_memory(trainers[name], builds.batches[0][0]) for name in moe}
     profiles = {name: top_ops(stepper) for name, stepper in steppers.items()}
     memory = every_rank({name: parameter_memory(t.model, t.engine.optimizer) for name, t in trainers.items()})
     if rank == 0:
         out = {"world_size": world, "tokens_per_rank_per_step": builds.batches[0][0]["input_ids"].numel(),
                "seconds": seconds, "breakdown": breakdown, "profiles": profiles, "memory": memory,
+               "moe_split": split, "moe_bytes": moe_bytes,
                "ep_size": {n: t.model.config.ep_size for n, t in trainers.items() if n != "dense"},
                "parameters": {n: sum(p.numel() for p in t.model.parameters()) for n, t in trainers.items()},
                "load_average": os.getloadavg()}
@@ -251,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "tcd_ds"), help="tokenizer and data cache")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a couple of steps: checks it runs")
     parser.add_argument("--experts", action="store_true",
-                        help="only the expert-count comparison (issue 13): OUT/experts.json and OUT/experts.md")
+                        help="only the expert-count comparison (issues 13, 23): OUT/experts.json and OUT/experts.md")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="sequences per rank per step (default: the preset's micro-batch)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.scaling_rounds = 2, 1, 1
@@ -269,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
         "peak_budget_s": 0.1 if args.quick else 0.5, "relation_ns": [8, 16] if args.quick else [32, 64, 128, 256, 512],
         "scaling_blocks": 2 if args.quick else 4,
+        "overrides": [f"--train.micro_batch_size={args.micro_batch}"] if args.micro_batch else [],
     }
     command = ("DS_ACCELERATOR=cpu " * on_cpu() + "python -m benchmarks.bench " + " ".join(
         sys.argv[1:] if argv is None else argv)).strip()

@@ -24,6 +24,8 @@ ZeRO shards' fp32 masters of these names. The parameters carry DeepSpeed's exper
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor, nn
 
@@ -116,17 +118,59 @@ class BatchedExperts(nn.Module):
 
 
 def named_tensors(model: nn.Module, grads: bool = False) -> dict[str, Tensor]:
-    """Every parameter (or its gradient, None if it has none) by state-dict name, the packed experts by
-    DeepSpeed's per-expert names: what comparisons against per-expert references index by."""
+    """`named_parameters()` (or their gradients, None where none), the packed experts under DeepSpeed's
+    per-expert names: what comparisons against per-expert references index by."""
+    packed = {f"{name}." if name else "": m for name, m in model.named_modules() if isinstance(m, BatchedExperts)}
     out = {}
-    for module_name, module in model.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        for name, p in module.named_parameters(recurse=False):
-            if not isinstance(module, BatchedExperts):
-                out[prefix + name] = p.grad if grads else p.detach()
-        if isinstance(module, BatchedExperts):
-            w, b = (module.weight.grad, module.bias.grad) if grads else (module.weight.detach(), module.bias.detach())
-            if w is not None:
-                out.update({prefix + n: t for n, t in
-                            unpack_experts(w, b, module.hidden_size, module.intermediate_size).items()})
+    for name, p in model.named_parameters():
+        if not any(name.startswith(prefix) for prefix in packed):
+            out[name] = p.grad if grads else p.detach()
+    for prefix, m in packed.items():
+        w, b = (m.weight.grad, m.bias.grad) if grads else (m.weight.detach(), m.bias.detach())
+        if w is not None:
+            out.update({prefix + n: t for n, t in unpack_experts(w, b, m.hidden_size, m.intermediate_size).items()})
     return out
+
+
+PER_EXPERT_NAME = re.compile(r"\.deepspeed_experts\.\d+\.dense_(in|out)\.(?P<kind>weight|bias)$")
+
+
+def packed_name(name: str) -> str:
+    """A former per-expert parameter's name -> the packed parameter holding it (other names unchanged)."""
+    match = PER_EXPERT_NAME.search(name)
+    return name if not match else f"{name[:match.start()]}.{match['kind']}"
+
+
+def accept_per_expert_zero_shards(optimizer) -> None:
+    """Let a ZeRO-1/2 optimizer (DeepSpeedZeroOptimizer) resume shards written when each expert had its own
+    parameters. Their flat partitions, fp32 masters and Adam moments alike, are laid out as the packed ones
+    (module docstring); what differs is the bookkeeping DeepSpeed compares, one alignment padding per
+    parameter. Where each rank's shard names the same parameters once per-expert names are read as packed
+    ones, in order, and no parameter is padded in either, the shard's paddings are taken as the current ones;
+    any other shard loads as it would have (a real mismatch is still refused)."""
+    from deepspeed.checkpoint.constants import PARAM_ALIGNMENT_PADDINGS, PARAM_SLICE_MAPPINGS
+
+    if not hasattr(optimizer, "round_robin_bit16_padding"):
+        return  # not ZeRO-1/2: nothing compares paddings
+    load = optimizer.load_state_dict
+
+    def same_layout(shard: dict, current_names: list[list[str]]) -> bool:
+        saved = shard.get(PARAM_ALIGNMENT_PADDINGS)
+        if saved is None or saved == optimizer.round_robin_bit16_padding:
+            return False
+        if any(any(group) for group in saved) or any(any(g) for g in optimizer.round_robin_bit16_padding):
+            return False
+        names = [list(dict.fromkeys(packed_name(n) for n in group)) for group in shard.get(PARAM_SLICE_MAPPINGS, [])]
+        return names == current_names
+
+    def load_state_dict(state_dict_list, *args, **kwargs):
+        import deepspeed.comm as dist
+
+        rank = dist.get_rank(group=optimizer.dp_process_group)
+        current = [list(group) for group in optimizer._param_slice_mappings]
+        if same_layout(state_dict_list[rank], current):
+            for shard in state_dict_list:
+                shard[PARAM_ALIGNMENT_PADDINGS] = optimizer.round_robin_bit16_padding
+        return load(state_dict_list, *args, **kwargs)
+
+    optimizer.load_state_dict = load_state_dict
