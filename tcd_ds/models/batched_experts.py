@@ -170,7 +170,8 @@ def accept_per_expert_zero_shards(optimizer) -> None:
         current = [list(group) for group in optimizer._param_slice_mappings]
         if same_layout(state_dict_list[rank], current):
             for shard in state_dict_list:
-                shard[PARAM_ALIGNMENT_PADDINGS] = optimizer.round_robin_bit16_padding
+                if shard is not None:  # DeepSpeed reads only the shards a rank needs
+                    shard[PARAM_ALIGNMENT_PADDINGS] = optimizer.round_robin_bit16_padding
         return load(state_dict_list, *args, **kwargs)
 
     optimizer.load_state_dict = load_state_dict
