@@ -246,14 +246,12 @@ def experts_markdown(r: dict) -> str:
         [labels[n], *(f"{1e3 * t.get(c, 0.0):.1f}" for t in parts.values() for c in cs)]
         for n, parts in split.items()])
     mib = 2**20
-    lines += ["", "Per micro-batch, MiB (rank 0): what the MoE layers keep for backward; tensors at least one "
-              "projection of a layer's local expert weights in size created in the MoE forwards / the backward "
-              "(the latter includes the expert gradients); the local expert weights:", ""]
-    lines += table(["student", "saved for backward", "weight-sized, forward", "weight-sized, backward",
-                    "expert weights"], [
-        [labels[n], *(f"{b[k] / mib:.1f}" for k in ("saved for backward", "weight-sized, forward",
-                                                    "weight-sized, backward", "expert weights"))]
-        for n, b in r["moe_bytes"].items()])
+    lines += ["", "Per micro-batch, MiB (rank 0): what the MoE layers keep for backward; new tensors shaped as a "
+              "layer's local expert weights (packed or one projection) created in the MoE forwards (copies) and in "
+              "the backward (their gradients, and any copies); the local expert weights of all MoE layers:", ""]
+    keys = ("saved for backward", "weight-shaped, forward", "weight-shaped, backward", "expert weights")
+    lines += table(["student", *keys], [[labels[n], *(f"{b[k] / mib:.1f}" for k in keys)]
+                                        for n, b in r["moe_bytes"].items()])
     parts = ("model", "gradients", "master weights", "optimizer state")
     lines += ["", "Memory per rank, MiB (rank 0), shared / expert parameters; ZeRO partitions each over the ranks "
               "shown:", ""]

@@ -237,7 +237,9 @@ def moe_split(trainer: Trainer, batches: list[list[Batch]], steps: int) -> dict[
             handle.remove()
     totals = {part: defaultdict(float) for part in MOE_PARTS}
     layer: list = []
-    for mark in marks:  # one MoE layer forward at a time, in order (backward calls no forward hook)
+    for mark in marks:  # one MoE layer forward at a time, in order; the backward's all-to-alls fall outside
+        if mark[:2] == ("layer", "start"):
+            layer = []
         layer.append(mark)
         if mark[0] == "layer" and mark[1] == "end":
             at = {(p, e): t for p, e, t in layer}  # the last of each kind: the second all-to-all's
@@ -256,20 +258,26 @@ def moe_split(trainer: Trainer, batches: list[list[Batch]], steps: int) -> dict[
 
 
 def moe_memory(trainer: Trainer, batch: Batch) -> dict[str, int]:
-    """On one micro-batch (forward and backward): the bytes the MoE layers keep for backward (saved tensors,
-    each storage once), and the bytes of tensors at least the size of one projection of a layer's local expert
-    weights that the layers' forwards and the backward create (weight copies; the backward's include the
-    expert weights' gradients themselves)."""
+    """On one micro-batch (forward and backward): the bytes the MoE layers keep for backward (saved tensors
+    other than the parameters, each storage once), and the bytes of new tensors shaped as a layer's local expert weights (packed, or one
+    projection either way round) that the layers' forwards and the backward create: copies of the weights, and
+    in backward also their gradients."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     blocks = list(trainer.model.moe_blocks().values())
-    threshold = min(b.deepspeed_moe.experts.weight.nbytes // 2 for b in blocks)
+    shapes = set()
+    for b in blocks:
+        w_in, _, w_out, _ = b.deepspeed_moe.experts.projections()
+        shapes |= {tuple(b.deepspeed_moe.experts.weight.shape), tuple(w_in.shape), tuple(w_out.shape)}
     saved: dict[int, int] = {}
     big = {"forward": 0, "backward": 0}
     phase = ["outside"]
 
+    parameters = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}  # weights, not activations
+
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in parameters:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     class Watch(TorchDispatchMode):
@@ -278,7 +286,7 @@ def moe_memory(trainer: Trainer, batch: Batch) -> dict[str, int]:
             is_view = any(r.alias_info is not None for r in func._schema.returns)
             if phase[0] in big and not is_view:
                 for t in out if isinstance(out, (tuple, list)) else [out]:
-                    if isinstance(t, torch.Tensor) and t.nbytes >= threshold:
+                    if isinstance(t, torch.Tensor) and tuple(t.shape) in shapes:
                         big[phase[0]] += t.nbytes
             return out
 
@@ -307,8 +315,8 @@ def moe_memory(trainer: Trainer, batch: Batch) -> dict[str, int]:
         for h in handles:
             h.remove()
     weights = sum(b.deepspeed_moe.experts.weight.nbytes for b in blocks)
-    return {"saved for backward": sum(saved.values()), "weight-sized, forward": big["forward"],
-            "weight-sized, backward": big["backward"], "expert weights": weights}
+    return {"saved for backward": sum(saved.values()), "weight-shaped, forward": big["forward"],
+            "weight-shaped, backward": big["backward"], "expert weights": weights}
 
 
 VARIANT_SETS: dict[str, VariantSet] = {"ours": ours, "ours_and_hf": ours_and_hf, "experts": experts}
