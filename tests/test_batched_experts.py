@@ -1,7 +1,6 @@
 """Batched experts against the per-expert loops they replace, DeepSpeed's `Experts` (training) and the converted
 model's former loop: outputs and gradients to 1e-6; and the converted model's eval without token drops."""
 
-import copy
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from tcd_ds.models.modeling_moe_bert import batched_expert_ffn
 
 
-
 def unpack_experts(weight: Tensor, bias: Tensor, hidden_size: int, intermediate_size: int) -> dict[str, Tensor]:
     """Packed rows (parameters, their gradients, ZeRO's masters) -> DeepSpeed's per-expert names, local ids
     (`deepspeed_experts.{j}.dense_in.weight` [I, H], ...), as views: nothing is copied."""
@@ -52,7 +51,6 @@ class SplitRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, packed: Tensor, split: int, first: tuple[int, ...], second: tuple[int, ...]):
-        ctx.set_materialize_grads(True)
         rows = packed.shape[0]
         return packed[:, :split].view(rows, *first), packed[:, split:].view(rows, *second)
 
