@@ -259,9 +259,9 @@ def moe_split(trainer: Trainer, batches: list[list[Batch]], steps: int) -> dict[
 
 def moe_memory(trainer: Trainer, batch: Batch) -> dict[str, int]:
     """On one micro-batch (forward and backward): the bytes the MoE layers keep for backward (saved tensors
-    other than the parameters, each storage once), and the bytes of new tensors shaped as a layer's local expert weights (packed, or one
-    projection either way round) that the layers' forwards and the backward create: copies of the weights, and
-    in backward also their gradients."""
+    other than the parameters, each storage once), and the bytes of new tensors shaped as a layer's local expert
+    weights (packed, or one projection) that the layers' forwards and the backward create: copies of the
+    weights, and in backward also their gradients."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     blocks = list(trainer.model.moe_blocks().values())
