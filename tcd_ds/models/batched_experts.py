@@ -56,8 +56,11 @@ class SplitRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_first: Tensor, grad_second: Tensor):
-        rows = grad_first.shape[0]
-        return torch.cat([grad_first.reshape(rows, -1), grad_second.reshape(rows, -1)], dim=1), None, None, None
+        rows, split = grad_first.shape[0], grad_first[0].numel()
+        grad = grad_first.new_empty(rows, split + grad_second[0].numel())  # each part copied in once, whatever
+        grad[:, :split].view(grad_first.shape).copy_(grad_first)  # its strides (the products' gradients come
+        grad[:, split:].view(grad_second.shape).copy_(grad_second)  # transposed)
+        return grad, None, None, None
 
 
 class BatchedExperts(nn.Module):
