@@ -23,10 +23,10 @@ broadcasts the shared weights from rank 0 and each expert from its expert-data-p
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate, _capacity
 from torch import Tensor
@@ -141,8 +141,9 @@ class DeepSpeedMoEBertForMaskedLM(MoEBertForMaskedLM):
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs) -> DeepSpeedMoEBertForMaskedLM:
-        """A converted directory, every expert local. HF's loader assigns weights by parameter name, and the
-        packed experts take their per-expert names only through `load_state_dict`; so: config, model, weights."""
+        """A converted directory (one `model.safetensors`, as the converter writes), every expert local. HF's
+        loader assigns weights by parameter name, and the packed experts take their per-expert names only through
+        `load_state_dict`; so: config, model, weights."""
         from safetensors.torch import load_file
 
         model = cls(MoEBertConfig.from_pretrained(directory, **kwargs))
