@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_budget_s": 0.1 if args.quick else 0.5, "relation_ns": [8, 16] if args.quick else [32, 64, 128, 256, 512],
         "scaling_blocks": 2 if args.quick else 4,
         "overrides": [f"--train.micro_batch_size={args.micro_batch}",  # one micro-batch per rank per step
-                      f"--train.global_batch_size={args.micro_batch * args.ranks}"] if args.micro_batch else [],
+                      f"--train.global_batch_size={args.micro_batch * args.ranks}",
+                      "--train.eval_batches=1"] if args.micro_batch else [],  # the demo corpus' validation
     }
     command = ("DS_ACCELERATOR=cpu " * on_cpu() + "python -m benchmarks.bench " + " ".join(
         sys.argv[1:] if argv is None else argv)).strip()
