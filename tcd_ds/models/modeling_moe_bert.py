@@ -182,12 +182,12 @@ class Experts(nn.Module):
         product per expert where padding would more than double the work, both sized on the host."""
         num_experts = len(self.deepspeed_experts)
         routed = (group < num_experts).unsqueeze(1)
-        weights = stacked_experts(self.deepspeed_experts)
         compute_dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) \
             else rows.dtype
         if grouped_mm_supported(rows.device, compute_dtype):
             rows = torch.where(routed, rows, 0).to(compute_dtype)  # where: no gradient into rows no expert runs
-            out = grouped_expert_ffn(rows, group, counts, *(w.to(compute_dtype) for w in weights))
+            weights = (w.to(compute_dtype) for w in stacked_experts(self.deepspeed_experts))
+            out = grouped_expert_ffn(rows, group, counts, *weights)
             return torch.where(routed, out, 0)
         kept = int(counts.sum())  # the host reads of this path
         sizes, rows = counts.tolist(), rows[:kept]
@@ -199,7 +199,7 @@ class Experts(nn.Module):
             owner = group[:kept]
             slot = torch.arange(kept, device=rows.device) - (counts.cumsum(0) - counts)[owner]
             padded = rows.new_zeros(num_experts, capacity, rows.shape[1]).index_put((owner, slot), rows)
-            out = batched_expert_ffn(padded, *weights)[owner, slot]
+            out = batched_expert_ffn(padded, *stacked_experts(self.deepspeed_experts))[owner, slot]
         return torch.cat([out, out.new_zeros(len(group) - kept, out.shape[1])])
 
 
