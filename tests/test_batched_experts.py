@@ -117,13 +117,14 @@ def test_routing_under_bf16_autocast_is_fp32():
     training, converted = MoEFeedForward(cfg).eval(), PlainMoE(cfg).eval()
     converted.deepspeed_moe.gate.wg.weight.data.copy_(training.deepspeed_moe.gate.wg.weight.data)
     x = torch.randn(512, 64)
-    fp32 = (training.deepspeed_moe.gate(x)[3], converted.deepspeed_moe.gate(x, None))
-    with torch.autocast("cpu", torch.bfloat16):
-        bf16 = (training.deepspeed_moe.gate(x)[3], converted.deepspeed_moe.gate(x, None))
+    fp32 = (training.deepspeed_moe.gate(x)[1:3], converted.deepspeed_moe.gate(x, None))  # DeepSpeed's combine
+    with torch.autocast("cpu", torch.bfloat16):  # weights and dispatch mask: each token's expert, slot and weight
+        bf16 = (training.deepspeed_moe.gate(x)[1:3], converted.deepspeed_moe.gate(x, None))
         naive = torch.nn.functional.linear(x.float(), training.deepspeed_moe.gate.wg.weight.float())
     assert naive.dtype == torch.bfloat16 and not torch.equal(naive.argmax(-1), fp32[1][0]), \
         "the premise: autocast's bf16 logits pick other experts"
-    assert torch.equal(bf16[0], fp32[0]), "training layer: the dispatch (expert, slot) changed under autocast"
+    assert bf16[0][0].dtype == torch.float32 and torch.equal(bf16[0][0], fp32[0][0]), "training layer: weights"
+    assert torch.equal(bf16[0][1], fp32[0][1]), "training layer: the dispatch (expert, slot) changed under autocast"
     expert, probs, _ = bf16[1]
     assert probs.dtype == torch.float32 and torch.equal(expert, fp32[1][0]) and torch.equal(probs, fp32[1][1])
     with torch.autocast("cpu", torch.bfloat16):
