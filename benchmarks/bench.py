@@ -1,13 +1,17 @@
 """Benchmarks of the training steps, side by side on the same shapes in one run (issue 8).
 
     DS_ACCELERATOR=cpu python -m benchmarks.bench [--out runs/bench] [--ranks 2] [--rounds 8] [--quick] [--experts]
+                                                  [--micro-batch N]
 
 Measures, on the demo shapes (tcd_ds/presets/*_demo*.yaml; --quick: the tiny test shapes, a couple of steps): our
 dense step against what a user would write (HF `BertForMaskedLM`, `torch.optim.AdamW`, DDP); the MoE step with
 MLM only against the full TCD step, with a per-phase breakdown; achieved model FLOP/s against an fp32
 matrix-product peak measured in the same processes; memory per rank; the relation losses' cost as N grows,
 local against global scope; one rank against `--ranks` ranks at a fixed per-rank batch; a profile of each step.
-`--experts` runs the expert-count comparison alone instead (issue 13: dense, 8 and 64 experts; OUT/experts.*).
+`--experts` runs the expert-count comparison alone instead (issues 13, 23: dense, 8 and 64 experts, and 64 with the
+former per-forward copy of the expert weights; the MoE forwards split into gate, dispatch, all-to-all, experts and
+combine; the MoE layers' activation bytes and weight-shaped tensors per micro-batch; OUT/experts.*);
+`--micro-batch N` sets the sequences per rank per step (e.g. 64, for 64 x 128 tokens per rank).
 
 Each step is the real one: components are built by `Trainer` from a run spec and stepped by its
 `TrainStep`. On a machine shared with other work, timings are noisy: variants are interleaved round
@@ -43,7 +47,7 @@ from benchmarks.measure import (clocks, every_rank, forward_flops, matmul_peaks,
                            parameter_memory, rounds_of, step_memory, sync_sites, top_ops)
 from benchmarks.report import experts_markdown, markdown, summarize, summarize_experts
 from benchmarks.variants import (REPO, VARIANT_SETS, Builds, HFBaseline, Stepper, captures_of, full_head_step,
-                            mlm_loss_check, phase_breakdown, relation_bench, to_device)
+                                 mlm_loss_check, moe_memory, moe_split, phase_breakdown, relation_bench, to_device)
 from tcd_ds.data.mlm import IGNORE_INDEX
 from tcd_ds.distill.relations import RelationDistiller
 from tcd_ds.train.launch import free_port
@@ -211,11 +215,15 @@ def experts_world(rank: int, world: int, port: int, cfg: dict) -> None:
     seconds = rounds_of(steppers, cfg["rounds"], cfg["steps"])
     trainers = builds.trainers
     breakdown = {name: phase_breakdown(trainers[name], builds.batches, cfg["rounds"]) for name in ("dense", "moe64")}
+    moe = [name for name in trainers if name != "dense"]
+    split = {name: moe_split(trainers[name], builds.batches, cfg["rounds"]) for name in moe}
+    moe_bytes = {name: moe_memory(trainers[name], builds.batches[0][0]) for name in moe}
     profiles = {name: top_ops(stepper) for name, stepper in steppers.items()}
     memory = every_rank({name: parameter_memory(t.model, t.engine.optimizer) for name, t in trainers.items()})
     if rank == 0:
         out = {"world_size": world, "tokens_per_rank_per_step": builds.batches[0][0]["input_ids"].numel(),
                "seconds": seconds, "breakdown": breakdown, "profiles": profiles, "memory": memory,
+               "moe_split": split, "moe_bytes": moe_bytes,
                "ep_size": {n: t.model.config.ep_size for n, t in trainers.items() if n != "dense"},
                "parameters": {n: sum(p.numel() for p in t.model.parameters()) for n, t in trainers.items()},
                "load_average": os.getloadavg()}
@@ -254,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=["quick", "demo", "small"], default=None,
                         help="the run specs' shapes (default: demo, quick with --quick)")
     parser.add_argument("--experts", action="store_true",
-                        help="only the expert-count comparison (issue 13): OUT/experts.json and OUT/experts.md")
+                        help="only the expert-count comparison (issues 13, 23): OUT/experts.json and OUT/experts.md")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="sequences per rank per step (default: the preset's micro-batch)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.scaling_rounds = 2, 1, 1
@@ -272,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
         "peak_budget_s": 0.1 if args.quick else 0.5, "relation_ns": [8, 16] if args.quick else [32, 64, 128, 256, 512],
         "scaling_blocks": 2 if args.quick else 4,
+        "overrides": [f"--train.micro_batch_size={args.micro_batch}",  # one micro-batch per rank per step
+                      f"--train.global_batch_size={args.micro_batch * args.ranks}",
+                      "--train.eval_batches=1"] if args.micro_batch else [],  # the demo corpus' validation
     }
     command = ("DS_ACCELERATOR=cpu " * on_cpu() + "python -m benchmarks.bench " + " ".join(
         sys.argv[1:] if argv is None else argv)).strip()

@@ -62,19 +62,16 @@ def owner(call_site: str) -> str:
 # throughput timer's synchronize() (deepspeed/utils/timer.py) is not among them: our config turns that timer off.
 DEEPSPEED_ALLOWED = {"deepspeed/runtime/utils.py", "deepspeed/runtime/zero/stage_1_and_2.py",
                      "deepspeed/moe/sharded_moe.py"}
-# Ours, owed by the MoE layer's rework (issue 23): `_count_routing` reads the capacity as a Python int. Remove
-# once that lands.
-OWED = {"tcd_ds/models/deepspeed_moe.py"}
 
 
 def unexpected(steps: list[dict[str, int]]) -> list[str]:
-    """The call sites of `steps` (as `main` writes them) that should not wait: any of ours (but OWED) or of
-    transformers, DeepSpeed's outside DEEPSPEED_ALLOWED, anyone else's."""
+    """The call sites of `steps` (as `main` writes them) that should not wait: any of ours or of transformers,
+    DeepSpeed's outside DEEPSPEED_ALLOWED, anyone else's."""
     bad = set()
     for counts in steps:
         for call_site in counts:
             file, who = call_site.rsplit(":", 1)[0], owner(call_site)
-            if not (who == "deepspeed" and file in DEEPSPEED_ALLOWED or who == "ours" and file in OWED):
+            if not (who == "deepspeed" and file in DEEPSPEED_ALLOWED):
                 bad.add(call_site)
     return sorted(bad)
 

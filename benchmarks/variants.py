@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import defaultdict
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import deepspeed.comm as dist
 import torch
-from deepspeed.moe.experts import Experts
 from transformers import BertConfig, BertForMaskedLM
 
 from benchmarks.measure import PhaseTimer, Times, timed
@@ -130,7 +130,7 @@ class Builds:
         name = name or kind
         if name not in self.trainers:
             spec = run_spec(self.cfg["preset"], kind, self.work / f"{self.prefix}{name}", self.cfg["cache_dir"],
-                            self.world, self.work / "teacher", overrides)
+                            self.world, self.work / "teacher", (*self.cfg.get("overrides", ()), *overrides))
             self.trainers[name] = trainer = Trainer(spec)
             if not self.batches:
                 self.batches = [trainer.train_batches.micro_batches(s) for s in range(self.batch_steps)]
@@ -168,37 +168,161 @@ EXPERT_COUNTS = {  # name: (kind, overrides of the preset, label); the dense ste
     "moe64": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every_other"),
               "64 experts, every other layer"),
     "moe64_every": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every"), "64 experts, every layer"),
-    "moe64_loop": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every_other"),
-                   "64 experts, every other layer, DeepSpeed's per-expert loop"),
+    "moe64_copy": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every_other"),
+                   "64 experts, every other layer, weights copied per forward (before issue 23)"),
 }
-DEEPSPEED_LOOP = {"moe64_loop"}  # built with DeepSpeed's own `Experts` (`with_deepspeed_loop`)
+WEIGHT_COPY = {"moe64_copy"}  # built with `with_weight_copy`
 
 
-def with_deepspeed_loop(model: torch.nn.Module) -> torch.nn.Module:
-    """The baseline's model: the student as DeepSpeed alone would build it, each MoE layer's local experts run
-    by DeepSpeed's `Experts` (its per-expert loop) instead of our `BatchedExperts`, over the same expert modules
-    and parameter objects. Applied to a built trainer's model (`Trainer` builds model and engine together):
-    swapping the module that holds the experts leaves the parameters, their ZeRO groups and gradient hooks as
-    they were. The training step is the student's own."""
+class CopiedProjections:
+    """The experts' forward as it was before they were stored packed: each forward copies the layer's expert
+    weights into new tensors (then `torch.stack` of the per-expert parameters) and the products keep the copy
+    for backward. Over the same packed parameters, so the step, ZeRO groups and optimizer are the same."""
+
+    def __init__(self, experts):
+        self.projections = experts.projections
+
+    def __call__(self):
+        return tuple(t.clone() for t in self.projections())
+
+
+def with_weight_copy(model: torch.nn.Module) -> torch.nn.Module:
     for block in model.moe_blocks().values():
-        batched = block.deepspeed_moe.experts
-        loop = Experts(torch.nn.Identity(), num_local_experts=0)  # no experts of its own: it takes these
-        loop.deepspeed_experts, loop.num_local_experts = batched.deepspeed_experts, batched.num_local_experts
-        block.deepspeed_moe.experts = loop
+        experts = block.deepspeed_moe.experts
+        experts.projections = CopiedProjections(experts)
     return model
 
 
 def expert_stepper(builds: Builds, name: str) -> Stepper:
     kind, overrides, _ = EXPERT_COUNTS[name]
-    if name in DEEPSPEED_LOOP and name not in builds.trainers:
-        with_deepspeed_loop(builds.trainer(kind, name, overrides).model)
+    if name in WEIGHT_COPY and name not in builds.trainers:
+        with_weight_copy(builds.trainer(kind, name, overrides).model)
     return builds.stepper(kind, name, overrides)
 
 
 def experts(builds: Builds) -> dict[str, Callable[[], Stepper]]:
-    """The expert-count comparison (issue 13): dense against the MoE student (MLM only) at 8 and 64 experts,
-    and 64 experts with DeepSpeed's per-expert loop, on the same shapes and batches."""
+    """The expert-count comparison (issues 13, 23): dense against the MoE student (MLM only) at 8 and 64 experts,
+    and 64 experts with the former per-forward weight copy, on the same shapes and batches."""
     return {name: partial(expert_stepper, builds, name) for name in EXPERT_COUNTS}
+
+
+MOE_PARTS = ("gate", "dispatch", "all-to-all", "experts", "combine")
+
+
+def moe_split(trainer: Trainer, batches: list[list[Batch]], steps: int) -> dict[str, dict[str, float]]:
+    """Seconds per step of the MoE layers' forwards, split into DeepSpeed's stages: the gate, the dispatch
+    (the one-hot einsum into capacity slots), the two all-to-alls, the experts and the combine (back to token
+    order, scaled by the gate). Each stage timed by hooks on the gate and experts modules and around
+    `_AllToAll.forward`; dispatch = gate end -> first all-to-all (or experts) start, combine = the rest of the
+    layer after the experts' (or second all-to-all's) end. Backward is not split (it is in the step's phases)."""
+    from deepspeed.moe import sharded_moe
+
+    marks: list[tuple[str, str, tuple[float, float]]] = []
+    clock = PhaseTimer._start
+    handles = []
+    for block in trainer.model.moe_blocks().values():
+        for part, module in (("layer", block), ("gate", block.deepspeed_moe.gate),
+                             ("experts", block.deepspeed_moe.experts)):
+            handles.append(module.register_forward_pre_hook(lambda *_, p=part: marks.append((p, "start", clock()))))
+            handles.append(module.register_forward_hook(lambda *_, p=part: marks.append((p, "end", clock()))))
+    all_to_all = sharded_moe._AllToAll.forward
+
+    def timed_all_to_all(*args, **kwargs):
+        marks.append(("all-to-all", "start", clock()))
+        try:
+            return all_to_all(*args, **kwargs)
+        finally:
+            marks.append(("all-to-all", "end", clock()))
+
+    sharded_moe._AllToAll.forward = staticmethod(timed_all_to_all)
+    try:
+        timed(Stepper(trainer.train_step, batches, trainer.spec.seed, trainer.rank), steps)
+    finally:
+        sharded_moe._AllToAll.forward = staticmethod(all_to_all)
+        for handle in handles:
+            handle.remove()
+    totals = {part: defaultdict(float) for part in MOE_PARTS}
+    layer: list = []
+    for mark in marks:  # one MoE layer forward at a time, in order; the backward's all-to-alls fall outside
+        if mark[:2] == ("layer", "start"):
+            layer = []
+        layer.append(mark)
+        if mark[0] == "layer" and mark[1] == "end":
+            at = {(p, e): t for p, e, t in layer}  # the last of each kind: the second all-to-all's
+            a2a_starts = [t for p, e, t in layer if (p, e) == ("all-to-all", "start")]
+            a2a_ends = [t for p, e, t in layer if (p, e) == ("all-to-all", "end")]
+            spans = {"gate": (at["gate", "start"], at["gate", "end"]),
+                     "experts": (at["experts", "start"], at["experts", "end"]),
+                     "dispatch": (at["gate", "end"], (a2a_starts or [at["experts", "start"]])[0]),
+                     "combine": ((a2a_ends or [at["experts", "end"]])[-1], at["layer", "end"])}
+            a2a = [(s, e) for s, e in zip(a2a_starts, a2a_ends)]
+            for part, (start, end) in [*spans.items(), *(("all-to-all", se) for se in a2a)]:
+                for clock_name, t0, t1 in zip(("wall", "cpu"), start, end):
+                    totals[part][clock_name] += (t1 - t0) / steps
+            layer = []
+    return {part: dict(t) for part, t in totals.items()}
+
+
+def moe_memory(trainer: Trainer, batch: Batch) -> dict[str, int]:
+    """On one micro-batch (forward and backward): the bytes the MoE layers keep for backward (saved tensors
+    other than the parameters, each storage once), and the bytes of new tensors shaped as a layer's local expert
+    weights (packed, or one projection) that the layers' forwards and the backward create: copies of the
+    weights, and in backward also their gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    blocks = list(trainer.model.moe_blocks().values())
+    shapes = set()
+    for b in blocks:
+        w_in, _, w_out, _ = b.deepspeed_moe.experts.projections()
+        shapes |= {tuple(b.deepspeed_moe.experts.weight.shape), tuple(w_in.shape), tuple(w_out.shape)}
+    saved: dict[int, int] = {}
+    big = {"forward": 0, "backward": 0}
+    phase = ["outside"]
+
+    parameters = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}  # weights, not activations
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in parameters:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            is_view = any(r.alias_info is not None for r in func._schema.returns)
+            if phase[0] in big and not is_view:
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor) and tuple(t.shape) in shapes:
+                        big[phase[0]] += t.nbytes
+            return out
+
+    contexts = []
+
+    def enter(*_):
+        phase[0] = "forward"
+        contexts.append(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+        contexts[-1].__enter__()
+
+    def leave(*_):
+        contexts.pop().__exit__(None, None, None)
+        phase[0] = "outside"
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
+    engine = trainer.engine
+    try:
+        with Watch():
+            losses = trainer.train_step.losses(
+                batch, seeded_generator(trainer.spec.seed, "bench memory", 0, 0, trainer.rank))
+            phase[0] = "backward"
+            engine.backward(losses["total"])
+            phase[0] = "outside"
+        engine.step()  # closes the accumulation the backward opened
+    finally:
+        for h in handles:
+            h.remove()
+    weights = sum(b.deepspeed_moe.experts.weight.nbytes for b in blocks)
+    return {"saved for backward": sum(saved.values()), "weight-shaped, forward": big["forward"],
+            "weight-shaped, backward": big["backward"], "expert weights": weights}
 
 
 VARIANT_SETS: dict[str, VariantSet] = {"ours": ours, "ours_and_hf": ours_and_hf, "experts": experts}

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from deepspeed.moe.experts import Experts
 from transformers import BertForMaskedLM
 
 from conftest import REPO
@@ -18,7 +17,7 @@ from tcd_ds.data.mlm import masked_positions
 from tcd_ds.models.build import build_model
 from tcd_ds.spec import ModelSpec, MoESpec
 
-from benchmarks.variants import with_deepspeed_loop
+from benchmarks.variants import with_weight_copy
 
 V, B, T = 40, 3, 12
 SHAPE = dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position=T, dropout=0.0,
@@ -78,35 +77,40 @@ def test_masked_head_on_the_moe_student_equals_its_full_head_loss():
     torch.testing.assert_close(torch.nn.functional.cross_entropy(picked, labels.reshape(-1)[positions]), by_hand)
 
 
-def test_deepspeed_loop_baseline_runs_deepspeeds_experts_on_the_same_parameters():
-    """The expert-count bench's baseline: DeepSpeed's per-expert loop in place of the batched experts, over the
-    same parameter objects, with the same outputs and gradients."""
+def test_weight_copy_baseline_copies_the_expert_weights_with_the_same_results():
+    """The expert-count bench's before-issue-23 baseline: each experts forward copies the layer's expert weights
+    (which the packed forward does not), over the same parameters, with the same outputs and gradients."""
     torch.manual_seed(0)
     moe = MoESpec(num_experts=4, layers="every", min_capacity=0, drop_tokens=False)
     model = build_model(ModelSpec(**SHAPE, moe=moe), V, pad_token_id=0)
     ids, mask, labels = mlm_batch(3)
     params = dict(model.named_parameters())
+    clones = []
 
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: clones.append(t) or t, lambda t: t):
+            logits = model(input_ids=ids, attention_mask=mask).logits
         logits.sum().backward()
         return logits.detach(), grads(model)
 
-    batched = run()
-    called = []
-    expert = next(iter(model.moe_blocks().values())).deepspeed_moe.experts.deepspeed_experts[0]
-    expert.register_forward_hook(lambda *_: called.append(1))  # the loop calls each expert; the batched form not
-    run()
-    assert not called
-    with_deepspeed_loop(model)
-    assert all(type(b.deepspeed_moe.experts) is Experts for b in model.moe_blocks().values())
+    storages = {p.untyped_storage().data_ptr() for p in params.values()}
+    weight_size = min(b.deepspeed_moe.experts.weight.numel() // 2 for b in model.moe_blocks().values())
+
+    def saved_weight_copies() -> int:  # weight-sized tensors kept for backward that are not the parameters
+        copies = [t for t in clones if t.numel() == weight_size and t.untyped_storage().data_ptr() not in storages]
+        clones.clear()
+        return len(copies)
+
+    packed = run()
+    assert saved_weight_copies() == 0
+    with_weight_copy(model)
     assert dict(model.named_parameters()) == params  # same names, same objects
-    loop = run()
-    assert called
-    torch.testing.assert_close(loop[0], batched[0], rtol=1e-6, atol=1e-6)
-    for name in batched[1]:
-        torch.testing.assert_close(loop[1][name], batched[1][name], rtol=1e-6, atol=1e-6, msg=name)
+    copied = run()
+    assert saved_weight_copies() == 2 * len(model.moe_blocks()), "each layer keeps a copy of both projections"
+    torch.testing.assert_close(copied[0], packed[0], rtol=1e-6, atol=1e-6)
+    for name in packed[1]:
+        torch.testing.assert_close(copied[1][name], packed[1][name], rtol=1e-6, atol=1e-6, msg=name)
 
 
 def forward_flops_by_hand(s: dict, head_tokens: float, layers: int, moe: bool) -> float:

@@ -17,6 +17,7 @@ from deepspeed.utils import groups
 
 from conftest import STUDENT_MOE, final_weights, free_port
 from tcd_ds.hf.convert import convert
+from tcd_ds.models.batched_experts import named_tensors
 from tcd_ds.models.build import build_model
 from tcd_ds.models.modeling_moe_bert import MoEBertForMaskedLM
 from tcd_ds.models.param_groups import moe_param_groups
@@ -30,17 +31,17 @@ def global_experts(model, ep_size: int) -> dict[str, torch.Tensor]:
     """This rank's expert tensors under their global ids (g = ep_rank * E / ep_size + j)."""
     ep_rank, local = groups._get_expert_parallel_rank(f"ep_size_{ep_size}"), E // ep_size
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in named_tensors(model).items():
         if ".deepspeed_experts." in name:
             prefix, rest = name.split(".deepspeed_experts.")
             j, param = rest.split(".", 1)
-            out[f"{prefix}.deepspeed_experts.{ep_rank * local + int(j)}.{param}"] = p.detach().clone()
+            out[f"{prefix}.deepspeed_experts.{ep_rank * local + int(j)}.{param}"] = p.clone()
     return out
 
 
 def full_state(model, ep_size: int) -> dict[str, torch.Tensor]:
     """Every rank's parameters by global name; replicas of an expert (and the shared weights) must agree."""
-    mine = {n: p.detach().clone() for n, p in model.named_parameters() if ".deepspeed_experts." not in n}
+    mine = {n: p.clone() for n, p in named_tensors(model).items() if ".deepspeed_experts." not in n}
     mine.update(global_experts(model, ep_size))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
@@ -87,8 +88,8 @@ def gradients_worker(rank: int, world_size: int, port: int) -> None:
         batches = [rank_batch(r) for r in range(world_size)]
         all_ids, all_mask = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
         reference(all_ids, attention_mask=all_mask, labels=all_ids).loss.backward()
-        for name, p in reference.named_parameters():
-            torch.testing.assert_close(before[name] - after[name], p.grad, rtol=1e-4, atol=1e-6,
+        for name, grad in named_tensors(reference, grads=True).items():
+            torch.testing.assert_close(before[name] - after[name], grad, rtol=1e-4, atol=1e-6,
                                        msg=lambda m, name=name: f"ep_size {ep_size}, {name}: {m}")
 
         for step in range(3):  # replicas stay identical (full_state asserts it), with every rank's own batch

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, BertForMaskedLM
 from transformers.models.bert.modeling_bert import BertLayer
 
 from tcd_ds.models import register_auto_classes
+from tcd_ds.models.batched_experts import named_tensors
 from tcd_ds.models.build import build_model
 from tcd_ds.models.deepspeed_moe import DeepSpeedMoEBertForMaskedLM
 from tcd_ds.models.modeling_moe_bert import MoEBertConfig, MoEBertForMaskedLM
@@ -82,9 +83,9 @@ def test_student_replaces_the_chosen_ffns():
     for i, layer in enumerate(model.bert.encoder.layer):
         assert isinstance(layer.output.dense, MoE) == (i in (1, 3))
         assert isinstance(layer.intermediate, nn.Identity) == (i in (1, 3))
-    experts = model.bert.encoder.layer[1].output.dense.deepspeed_moe.experts.deepspeed_experts
-    assert len(experts) == E
-    weights = [e.dense_in.weight for e in experts]
+    experts = named_tensors(model.bert.encoder.layer[1].output.dense.deepspeed_moe.experts)
+    weights = [experts[f"deepspeed_experts.{e}.dense_in.weight"] for e in range(E)]
+    assert len(experts) == 4 * E
     assert all(not torch.equal(weights[0], w) for w in weights[1:]), "experts must not start as copies"
 
 
@@ -204,8 +205,9 @@ def test_student_mlm_loss_and_gradients_reach_every_routed_expert():
     torch.testing.assert_close(out.loss, mlm + 0.01 * out.aux_loss)  # HF's MoE contract: the weighted aux is in
     out.loss.backward()
     for block in model.moe_blocks().values():
-        for e, expert in enumerate(block.deepspeed_moe.experts.deepspeed_experts):
-            grad = expert.dense_in.weight.grad
+        grads = named_tensors(block.deepspeed_moe.experts, grads=True)
+        for e in range(E):
+            grad = grads[f"deepspeed_experts.{e}.dense_in.weight"]
             assert torch.isfinite(grad).all()
             assert (grad.abs().sum() > 0) == (block.expert_counts[e] > 0)
 
@@ -232,7 +234,8 @@ def test_config_and_model_round_trip_through_auto_classes(tmp_path):
         torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
         torch.testing.assert_close(training(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
     experts = [n for n, p in training.named_parameters() if is_moe_param(p)]  # DeepSpeed's tags survive loading
-    assert len(experts) == E * 4 and all(".deepspeed_experts." in n for n in experts)
+    assert experts == ["bert.encoder.layer.0.output.dense.deepspeed_moe.experts.weight",
+                       "bert.encoder.layer.0.output.dense.deepspeed_moe.experts.bias"]
 
 
 @pytest.mark.parametrize("moe", [None, tiny_moe(layers=[1])], ids=["dense", "moe"])
@@ -248,5 +251,5 @@ def test_param_groups_cover_every_parameter_once(moe):
             name, _ = by_id[id(p)]
             no_decay = name.endswith("bias") or "LayerNorm" in name
             assert g["weight_decay"] == (0.0 if no_decay else 0.1), name
-            assert g.get("moe", False) == (".deepspeed_experts." in name), name
+            assert g.get("moe", False) == (".deepspeed_moe.experts." in name), name
     assert any(g.get("moe") for g in groups) == (moe is not None)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from deepspeed.moe.layer import MoE
 
+from tcd_ds.models.batched_experts import named_tensors
 from tcd_ds.models.build import build_model
 from tcd_ds.models.param_groups import moe_param_groups
 from tcd_ds.spec import ModelSpec, MoESpec
@@ -55,7 +56,7 @@ def engine_step_worker(rank: int, world_size: int, port: int) -> None:
     }
     optimizer = torch.optim.AdamW(moe_param_groups(model, weight_decay=0.01), lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = {n: p.clone() for n, p in named_tensors(model).items()}
     ids, mask = rank_batch(rank)
     out = engine(ids, attention_mask=mask, labels=ids)
     loss = out.loss
@@ -65,7 +66,7 @@ def engine_step_worker(rank: int, world_size: int, port: int) -> None:
     for i, block in model.moe_blocks().items():
         for j, count in enumerate(block.expert_counts.tolist()):
             name = f"bert.encoder.layer.{i}.output.dense.deepspeed_moe.experts.deepspeed_experts.{j}.dense_in.bias"
-            moved = not torch.equal(before[name], dict(model.named_parameters())[name])
+            moved = not torch.equal(before[name], named_tensors(model)[name])
             assert moved == (count > 0), (name, count)  # biases: no weight decay, so only a gradient moves them
     dist.destroy_process_group()
 
@@ -80,7 +81,7 @@ def expert_parallel_worker(rank: int, world_size: int, port: int) -> None:
     model = build_model(spec(ep_size=world_size, drop_tokens=False), V, pad_token_id=0)
     torch.manual_seed(1 + rank)  # each rank's experts distinct, so a mix-up between ranks shows
     for block in model.moe_blocks().values():
-        assert len(block.deepspeed_moe.experts.deepspeed_experts) == E // world_size
+        assert block.deepspeed_moe.experts.num_local_experts == E // world_size
         for p in block.deepspeed_moe.experts.parameters():
             p.data.normal_(0.0, 0.2)
     for module in model.modules():
@@ -111,16 +112,16 @@ def expert_parallel_worker(rank: int, world_size: int, port: int) -> None:
     ref_out.loss.backward()
 
     # An expert's gradient collects every rank's tokens routed to it: the sum of the per-rank references.
-    ref_grads = dict(reference.named_parameters())
-    for name, p in model.named_parameters():
+    ref_grads = named_tensors(reference, grads=True)
+    for name, grad in named_tensors(model, grads=True).items():
         if ".deepspeed_experts." not in name:
             continue
         prefix, rest = name.split(".deepspeed_experts.")
         j, param = rest.split(".", 1)
-        expected = torch.stack([ref_grads[f"{prefix}.deepspeed_experts.{r * local + int(j)}.{param}"].grad
+        expected = torch.stack([ref_grads[f"{prefix}.deepspeed_experts.{r * local + int(j)}.{param}"]
                                 for r in range(world_size)])
         dist.all_reduce(expected)
-        torch.testing.assert_close(p.grad, expected[rank], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad, expected[rank], rtol=1e-4, atol=1e-6)
     dist.destroy_process_group()
 
 

@@ -107,3 +107,18 @@ def test_a_collapsed_router_shows_in_idle_experts_and_drops_while_kl_uniform_sta
         assert 0 < out.aux_loss < 1e-3  # KL(mean probs || uniform): the collapse costs almost nothing
     else:
         assert out.aux_loss > 1.03  # switch: E * sum_e (mean prob_e)(load_e), 1 at balance
+
+
+def test_the_drop_capacity_is_deepspeeds_without_a_host_read():
+    """The routing telemetry's capacity from the shapes equals DeepSpeed's `_capacity` (a device tensor) for token
+    counts and factors where float32 rounding decides, the minimum included."""
+    import itertools
+
+    from deepspeed.moe.sharded_moe import _capacity
+
+    from tcd_ds.models.deepspeed_moe import drop_capacity
+
+    for tokens, experts, factor, minimum in itertools.product((1, 7, 100, 1000, 4096), (1, 3, 8, 64),
+                                                              (0.1, 1.0, 1.1, 1.25, 2.0), (0, 4, 200)):
+        expected = int(_capacity(torch.zeros(tokens, experts), torch.tensor(factor), torch.tensor(minimum)))
+        assert drop_capacity(tokens, experts, factor, minimum) == expected, (tokens, experts, factor, minimum)

@@ -5,10 +5,12 @@ which a converted checkpoint loads into). Module paths mirror `BertForMaskedLM` 
 serves teacher and student: in an MoE layer `layer.intermediate` is an identity and `layer.output.dense` is
 the whole MoE FFN (H -> H), after which `BertOutput` still applies dropout, the residual add and LayerNorm.
 
-Parameter names in MoE layer i (j a local expert; its global id is ep_rank * num_experts / ep_size + j):
-  bert.encoder.layer.{i}.output.dense.deepspeed_moe.gate.wg.weight                              [E, H]
-  bert.encoder.layer.{i}.output.dense.deepspeed_moe.experts.deepspeed_experts.{j}.dense_in.*    [I, H], [I]
-  bert.encoder.layer.{i}.output.dense.deepspeed_moe.experts.deepspeed_experts.{j}.dense_out.*   [H, I], [H]
+Parameters in MoE layer i (L = num_experts / ep_size local experts, see tcd_ds.models.batched_experts):
+  bert.encoder.layer.{i}.output.dense.deepspeed_moe.gate.wg.weight      [E, H]
+  bert.encoder.layer.{i}.output.dense.deepspeed_moe.experts.weight      [L, I*H + H*I]  (dense_in, dense_out)
+  bert.encoder.layer.{i}.output.dense.deepspeed_moe.experts.bias        [L, I + H]
+In the state dict (and so in DeepSpeed's checkpoint files) the experts keep DeepSpeed's per-expert names,
+`...experts.deepspeed_experts.{j}.dense_in.weight` [I, H] etc., j local (global id ep_rank * L + j).
 
 Process groups: building the model needs no torch.distributed, and with ep_size 1 neither does running it.
 With ep_size > 1 each rank holds num_experts / ep_size experts and tokens travel by all-to-all over
@@ -21,14 +23,34 @@ broadcasts the shared weights from rank 0 and each expert from its expert-data-p
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import _capacity
+from deepspeed.moe.sharded_moe import TopKGate
 from torch import Tensor
 
 from tcd_ds.models.batched_experts import BatchedExperts
 from tcd_ds.models.modeling_moe_bert import ExpertFFN, MoEBertConfig, MoEBertForMaskedLM, kl_uniform_balance_loss
+
+
+def drop_capacity(tokens: int, experts: int, capacity_factor: float, min_capacity: int) -> int:
+    """DeepSpeed's `_capacity` from the shapes, with its float32 product, as a Python int: the same number
+    without reading a device tensor on the host."""
+    return max(math.ceil(np.float32(tokens / experts) * np.float32(capacity_factor)), min_capacity)
+
+
+class FP32TopKGate(TopKGate):
+    """DeepSpeed's gate with autocast off: its `.float()` does not escape an enclosing autocast, under which the
+    logits (and so the expert choices and capacity drops) would be bf16's, not the fp32 routing of training."""
+
+    def forward(self, input: Tensor, *args, **kwargs):
+        with torch.autocast(input.device.type, enabled=False):
+            return super().forward(input, *args, **kwargs)
 
 
 class DeepSpeedMoEFeedForward(MoE):
@@ -55,7 +77,10 @@ class DeepSpeedMoEFeedForward(MoE):
             noisy_gate_policy=config.noisy_gate_policy,
             drop_tokens=config.drop_tokens,
         )
-        self.deepspeed_moe.experts = BatchedExperts(self.deepspeed_moe.experts)
+        self.deepspeed_moe.experts = BatchedExperts(
+            self.num_local_experts, config.hidden_size, config.intermediate_size, self.expert_group_name,
+            config.initializer_range)
+        self.deepspeed_moe.gate.__class__ = FP32TopKGate  # the same module and weights, routed in fp32
         if config.balance_loss not in ("switch", "kl_uniform"):
             raise ValueError(f"unknown balance_loss {config.balance_loss!r}: use 'switch' or 'kl_uniform'")
         self.balance_kind = config.balance_loss
@@ -81,18 +106,19 @@ class DeepSpeedMoEFeedForward(MoE):
         computes them: softmax of fp32 logits, x @ wg.T, no bias. Under the `Jitter` policy DeepSpeed routes on
         jittered inputs; these probabilities are of the clean input."""
         x = hidden_states.reshape(-1, hidden_states.shape[-1]).float()
-        return F.linear(x, self.deepspeed_moe.gate.wg.weight.float()).softmax(dim=-1)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, self.deepspeed_moe.gate.wg.weight.float()).softmax(dim=-1)
 
     def _count_routing(self, probs: Tensor, counts: Tensor) -> None:
         """Adds this forward's routing to `routing_window`, on device (no host sync): `routed` [E] (= the
         expert counts), `dropped` (tokens over their expert's capacity), `entropy` (sum over real tokens of the
         routing distribution's entropy, nats), `probs` [E] (sum over real tokens of the probabilities). The
-        capacity is DeepSpeed's (`_capacity` over all B*T tokens, padding included, as top1gating computes it);
+        capacity is DeepSpeed's (`drop_capacity` over all B*T tokens, padding included, as top1gating computes it);
         top1gating keeps min(count, capacity) tokens per expert, and drops none without `drop_tokens`."""
         gate = self.deepspeed_moe.gate
         real = probs.new_ones(probs.shape[0]) if self.token_mask is None else self.token_mask.to(probs.dtype)
         if gate.drop_tokens:
-            capacity = int(_capacity(probs, torch.tensor(gate.capacity_factor), torch.tensor(gate.min_capacity)))
+            capacity = drop_capacity(*probs.shape, gate.capacity_factor, gate.min_capacity)
             dropped = (counts - capacity).clamp(min=0).sum()
         else:
             dropped = counts.new_zeros(())
@@ -123,12 +149,15 @@ class DeepSpeedMoEBertForMaskedLM(MoEBertForMaskedLM):
         return DeepSpeedMoEFeedForward(config)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> DeepSpeedMoEBertForMaskedLM:
-        """HF loading replaces parameter objects, dropping the tags by which DeepSpeed tells expert parameters
-        from shared ones (ZeRO groups, gradient reduction); put them back."""
-        model = super().from_pretrained(*args, **kwargs)
-        for block in model.moe_blocks().values():
-            for p in block.deepspeed_moe.experts.parameters():
-                p.allreduce = False
-                p.group_name = block.expert_group_name
+    def from_pretrained(cls, directory, **kwargs) -> DeepSpeedMoEBertForMaskedLM:
+        """A converted directory (one `model.safetensors`, as the converter writes), every expert local. HF's
+        loader assigns weights by parameter name, and the packed experts take their per-expert names only through
+        `load_state_dict`; so: config, model, weights."""
+        from safetensors.torch import load_file
+
+        model = cls(MoEBertConfig.from_pretrained(directory, **kwargs))
+        missing, unexpected = model.load_state_dict(load_file(Path(directory) / "model.safetensors"), strict=False)
+        tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}  # saved once, as their sources
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"{directory} does not fit {cls.__name__}: missing {missing}, unexpected {unexpected}")
         return model

@@ -29,10 +29,13 @@ Routing is DeepSpeed's top-1 gate (`deepspeed.moe.sharded_moe.top1gating`) writt
   expert's first `capacity` tokens in batch order (row-major over [batch, position]), deterministic; to
   reproduce a training-time evaluation that dropped tokens, call it with one rank's micro-batch (DeepSpeed
   computes capacity per rank's micro-batch).
+- Routing runs in fp32 with autocast off, so bf16 fine-tuning routes as fp32 pre-training did.
 - The experts run batched over their stacked weights, the kept tokens sorted by expert: one
-  `torch._grouped_mm` per projection where it runs (CPU; CUDA bf16 from sm90); elsewhere one `baddbmm` over a
-  capacity-padded [experts, rows, H] buffer (as the training class does with DeepSpeed's dispatch buffer), or,
-  where routing is so uneven that padding would more than double the work, one product per expert.
+  `torch._grouped_mm` per projection where it runs (CPU; CUDA bf16 from sm90; under autocast in its dtype),
+  each expert's rows padded to a 16-byte multiple as the CUDA kernels need, with every shape fixed by the token
+  count, so the forward reads nothing back to the host. Elsewhere (host reads there) one `baddbmm` over a
+  capacity-padded [experts, rows, H] buffer, or, where routing is so uneven that padding would more than
+  double the work, one product per expert.
 - Noise (`noisy_gate_policy`) applies in training only, as in DeepSpeed: `Jitter` scales the gate input by
   U(0.99, 1.01), `RSample` adds Gumbel noise to the logits that pick the expert.
 - Unlike DeepSpeed, a call with fewer tokens than `min_capacity` is allowed (everything fits).
@@ -42,9 +45,11 @@ Routing is DeepSpeed's top-1 gate (`deepspeed.moe.sharded_moe.top1gating`) writt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
@@ -108,13 +113,18 @@ class Top1Gate(nn.Module):
 
     def capacity(self, num_tokens: int) -> int:
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        # DeepSpeed multiplies by a float32 tensor, so the product (and its ceiling) is float32's.
-        scaled = num_tokens / self.wg.out_features * torch.tensor(factor, dtype=torch.float32)
-        return max(int(torch.ceil(scaled)), self.min_capacity)
+        # DeepSpeed multiplies by a float32 tensor, so the product (and its ceiling) is float32's; numpy's float32
+        # gives the same on the host, with no tensor to read back.
+        scaled = np.float32(num_tokens / self.wg.out_features) * np.float32(factor)
+        return max(math.ceil(scaled), self.min_capacity)
 
     def forward(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """x [S, H] -> expert [S] (long), probs [S, E] (fp32), kept [S] (bool)."""
-        x = x.float()
+        """x [S, H] -> expert [S] (long), probs [S, E] (fp32), kept [S] (bool). Autocast is off: under it `.float()`
+        would not keep the logits fp32, and bf16 logits pick other experts than pre-training's fp32 routing."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.route(x.float(), token_mask)
+
+    def route(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.training and self.noisy_gate_policy == "Jitter":
             x = x * torch.empty_like(x).uniform_(1.0 - JITTER, 1.0 + JITTER)
         logits = F.linear(x, self.wg.weight.float())
@@ -163,48 +173,83 @@ class Experts(nn.Module):
         super().__init__()
         self.deepspeed_experts = nn.ModuleList(ExpertFFN(config) for _ in range(config.num_experts))
 
-    def forward(self, rows: Tensor, counts: Tensor) -> Tensor:
-        """rows [N, H], sorted by expert, `counts[e]` of them expert e's -> each row through its expert, [N, H]."""
-        if rows.shape[0] == 0:
-            return torch.zeros_like(rows)
-        weights = stacked_experts(self.deepspeed_experts)
-        if grouped_mm_supported(rows):
-            return grouped_expert_ffn(rows, counts, *weights)
-        num_experts, sizes = len(self.deepspeed_experts), counts.tolist()
+    def forward(self, rows: Tensor, group: Tensor, counts: Tensor) -> Tensor:
+        """rows [S, H] sorted by `group` [S] (the expert, or E for a token no expert runs), `counts[e]` of them
+        expert e's -> each row through its expert, [S, H], zero for group E.
+
+        With `torch._grouped_mm` no shape depends on the routing, so nothing is read back to the host; without
+        it (e.g. CUDA before sm90, or fp32 on CUDA) the rows go through a capacity-padded product, or one
+        product per expert where padding would more than double the work, both sized on the host."""
+        num_experts = len(self.deepspeed_experts)
+        routed = (group < num_experts).unsqueeze(1)
+        compute_dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) \
+            else rows.dtype
+        if grouped_mm_supported(rows.device, compute_dtype):
+            rows = torch.where(routed, rows, 0).to(compute_dtype)  # where: no gradient into rows no expert runs
+            weights = (w.to(compute_dtype) for w in stacked_experts(self.deepspeed_experts))
+            out = grouped_expert_ffn(rows, group, counts, *weights)
+            return torch.where(routed, out, 0)
+        kept = int(counts.sum())  # the host reads of this path
+        sizes, rows = counts.tolist(), rows[:kept]
         capacity = max(sizes)
-        if num_experts * capacity > 2 * rows.shape[0]:  # padding would more than double the work
+        if num_experts * capacity > 2 * kept:  # padding would more than double the work
             chunks = rows.split(sizes)
-            return torch.cat([ffn(chunk) if len(chunk) else chunk
-                              for ffn, chunk in zip(self.deepspeed_experts, chunks)])
-        owner = torch.repeat_interleave(torch.arange(num_experts, device=rows.device), counts)
-        slot = torch.arange(rows.shape[0], device=rows.device) - (counts.cumsum(0) - counts)[owner]
-        padded = rows.new_zeros(num_experts, capacity, rows.shape[1]).index_put((owner, slot), rows)
-        return batched_expert_ffn(padded, *weights)[owner, slot]
+            out = torch.cat([ffn(chunk) for ffn, chunk in zip(self.deepspeed_experts, chunks)])
+        else:
+            owner = group[:kept]
+            slot = torch.arange(kept, device=rows.device) - (counts.cumsum(0) - counts)[owner]
+            padded = rows.new_zeros(num_experts, capacity, rows.shape[1]).index_put((owner, slot), rows)
+            out = batched_expert_ffn(padded, *stacked_experts(self.deepspeed_experts))[owner, slot]
+        return torch.cat([out, out.new_zeros(len(group) - kept, out.shape[1])])
 
 
-def grouped_mm_supported(rows: Tensor) -> bool:
-    """Whether `torch._grouped_mm` (one product over row groups of different sizes) runs on these rows: on CPU
-    in fp32, bf16 or fp16, and on CUDA for bf16 from compute capability 9.0."""
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` (one product over row groups of different sizes) runs: on CPU in fp32, bf16 or
+    fp16, and on CUDA for bf16 from compute capability 9.0."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if rows.device.type == "cpu":
-        return rows.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    return (rows.device.type == "cuda" and rows.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(rows.device) >= (9, 0))
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def grouped_expert_ffn(rows: Tensor, counts: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
+def group_alignment(dtype: torch.dtype) -> int:
+    """Rows per group a multiple of this: 16 bytes of a row-major column, which the CUDA grouped kernels need for
+    the weight gradient (its jagged dimension is the rows); torchtitan pads bf16 groups to 8 rows likewise."""
+    return max(1, 16 // dtype.itemsize)
+
+
+def aligned_rows(group: Tensor, counts: Tensor, align: int) -> tuple[Tensor, Tensor, int]:
+    """Where each sorted row goes when every expert's group starts at a multiple of `align`: destination [S],
+    group ends [E] (int32, `_grouped_mm`'s `offs`) and the buffer's row count, S + E * (align - 1), fixed by
+    the shapes alone. Rows of group E (no expert) go after the last group."""
+    num_experts, num_rows = len(counts), len(group)
+    padded = (counts + align - 1) // align * align
+    ends = padded.cumsum(0)
+    starts = torch.cat([ends - padded, ends[-1:]])  # group E starts after the last expert's
+    first_row = torch.cat([counts.cumsum(0) - counts, counts.sum().reshape(1)])
+    destination = starts[group] + torch.arange(num_rows, device=group.device) - first_row[group]
+    return destination, ends.to(torch.int32), num_rows + num_experts * (align - 1)
+
+
+def grouped_expert_ffn(rows: Tensor, group: Tensor, counts: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
                        b_out: Tensor) -> Tensor:
-    """`ExpertFFN.forward` over rows sorted by expert, without padding: rows [N, H] -> [N, H]."""
-    ends = counts.cumsum(0).to(torch.int32)
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=rows.device), counts)
-    h = F.gelu(torch._grouped_mm(rows, w_in.transpose(1, 2), offs=ends) + b_in[owner])
-    return torch._grouped_mm(h, w_out.transpose(1, 2), offs=ends) + b_out[owner]
+    """`ExpertFFN.forward` over rows sorted by expert, groups padded to the kernels' alignment only:
+    rows [S, H] -> [S, H]; rows of group E and padding rows are not computed (their output is undefined)."""
+    destination, ends, buffer_rows = aligned_rows(group, counts, group_alignment(rows.dtype))
+    buffer = rows.new_zeros(buffer_rows, rows.shape[1]).index_copy(0, destination, rows)
+    position = torch.arange(buffer_rows, device=rows.device, dtype=torch.int32)
+    owner = torch.searchsorted(ends, position, right=True).clamp(max=len(counts) - 1)
+    in_group = (position < ends[-1]).unsqueeze(1)  # where: rows past the groups, whose gradients the kernels
+    h = F.gelu(torch._grouped_mm(buffer, w_in.transpose(1, 2), offs=ends) + torch.where(in_group, b_in[owner], 0))
+    out = torch._grouped_mm(h, w_out.transpose(1, 2), offs=ends)  # leave undefined, pass none to the biases
+    return (out + torch.where(in_group, b_out[owner], 0))[destination]
 
 
 class Top1MoE(nn.Module):
     """Gate, then each kept token through its expert, scaled by its gate probability: x [S, H] -> output [S, H],
-    with the routing probabilities [S, E] and each token's expert [S] for the balance loss."""
+    with the routing probabilities [S, E] and each token's expert [S] for the balance loss. Every shape is
+    fixed by S: the tokens are sorted by expert with the dropped ones last, none selected by a host read."""
 
     def __init__(self, config: MoEBertConfig):
         super().__init__()
@@ -213,12 +258,15 @@ class Top1MoE(nn.Module):
 
     def forward(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         expert, probs, kept = self.gate(x, token_mask)
+        num_experts = probs.shape[1]
         weight = probs.gather(1, expert[:, None]).squeeze(1)
-        tokens = torch.nonzero(kept).squeeze(1)
-        tokens = tokens[expert[tokens].argsort(stable=True)]  # kept tokens grouped by expert, in batch order
-        counts = torch.bincount(expert[tokens], minlength=probs.shape[1])
-        routed = weight[tokens, None] * self.experts(x[tokens], counts).float()  # combined in fp32, as DeepSpeed
-        return torch.zeros_like(x).index_add(0, tokens, routed.to(x.dtype)), probs, expert
+        group = torch.where(kept, expert, num_experts)  # E: a group no expert runs
+        order = group.argsort(stable=True)  # kept tokens grouped by expert, in batch order; dropped ones last
+        counts = torch.zeros(num_experts + 1, dtype=torch.long, device=x.device).index_add_(
+            0, group, torch.ones_like(group))[:num_experts]
+        out = self.experts(x[order], group[order], counts)
+        routed = weight[order, None] * out.float()  # combined in fp32, as DeepSpeed
+        return torch.zeros_like(x).index_copy(0, order, routed.to(x.dtype)), probs, expert
 
 
 def switch_balance_loss(probs: Tensor, expert: Tensor, token_mask: Tensor | None) -> Tensor:

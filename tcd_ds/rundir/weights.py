@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tcd_ds.models.batched_experts import unpack_experts
 from tcd_ds.rundir.layout import Checkpoint, CheckpointError
 from tcd_ds.spec import ModelSpec
 
 LOCAL_EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
+PACKED_EXPERTS = re.compile(r"\.deepspeed_moe\.experts\.(?P<kind>weight|bias)(@(?P<first>\d+))?$")
 
 
 def load_file(path: Path, allowed_types: list[type] | None = None) -> dict[str, Any]:
@@ -86,9 +88,31 @@ def fp32_master_weights(ckpt: Checkpoint, dtype: str, world_size: int, model: Mo
         first_expert = (rank % ep_size) * local_experts
         for partition, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
             for name, fragment in mapping.items():
+                if PACKED_EXPERTS.search(name):  # one name per expert-parallel rank's block of experts
+                    name = f"{name}@{first_expert}"
                 name = LOCAL_EXPERT.sub(lambda m: f"{m[1]}{first_expert + int(m[2])}{m[3]}", name)
                 fragments[name].append(partition.narrow(0, fragment.start, fragment.numel))
-    return {name: torch.cat(parts) for name, parts in fragments.items()}
+    masters = {name: torch.cat(parts) for name, parts in fragments.items()}
+    return unpack_packed_experts(masters, model, local_experts) if model.moe else masters
+
+
+def unpack_packed_experts(masters: dict[str, Tensor], model: ModelSpec, local_experts: int) -> dict[str, Tensor]:
+    """The packed expert masters (`...experts.weight@{first expert}`, `...experts.bias@...`, written since the
+    experts are stored packed, tcd_ds.models.batched_experts) under the per-expert global names the expert
+    files use; masters of checkpoints written before, already per expert, pass unchanged."""
+    out = {}
+    for name, value in masters.items():
+        match = PACKED_EXPERTS.search(name)
+        if not match or match["kind"] == "bias":
+            if not match:
+                out[name] = value
+            continue
+        bias_name = name[:match.start("kind")] + "bias" + name[match.end("kind"):]
+        prefix, first = name[:match.start("kind")], int(match["first"])
+        weight, bias = value.view(local_experts, -1), masters[bias_name].view(local_experts, -1)
+        for local, tensor in unpack_experts(weight, bias, model.hidden_size, model.intermediate_size).items():
+            out[prefix + LOCAL_EXPERT.sub(lambda m: f"{m[1]}{first + int(m[2])}{m[3]}", "." + local)[1:]] = tensor
+    return out
 
 
 def full_state_dict(ckpt: Checkpoint, model: ModelSpec, dtype: str) -> tuple[dict[str, Tensor], int]:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from tcd_ds.data.loader import MLMBatches, PrefetchingBatches, validation_batches
 from tcd_ds.data.prepare import prepare_data
 from tcd_ds.distill.tcd import TCD
+from tcd_ds.models.batched_experts import accept_per_expert_zero_shards
 from tcd_ds.models.build import build_model
 from tcd_ds.models.param_groups import moe_param_groups
 from tcd_ds.rundir import RunDir
@@ -115,6 +116,8 @@ class Trainer:
             model=self.model, optimizer=optimizer, lr_scheduler=self.scheduler,
             config=deepspeed_config(spec, world_size),
         )
+        if spec.model.moe is not None:
+            accept_per_expert_zero_shards(self.engine.optimizer)  # checkpoints from before the packed experts
         tcd = TCD.build(spec, self.model, self.tokenizer, self.engine.device) if spec.distill else None
         self.train_step = TrainStep(self.engine, tcd, spec.seed, self.rank)
 
