@@ -222,7 +222,7 @@ def test_a_damaged_checkpoint_fails_naming_the_file_and_writes_nothing(damage, r
     else:
         data = broken.read_bytes()
         broken.write_bytes(data[: len(data) // 2])
-    assert cli(run, tmp_path / "out") == 1
+    assert cli(run, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert str(broken) in err and err.count("\n") == 1
     assert ("missing" if damage == "missing expert file" else "truncated") in err
@@ -230,7 +230,7 @@ def test_a_damaged_checkpoint_fails_naming_the_file_and_writes_nothing(damage, r
 
 
 def test_unknown_tag_fails_naming_it_and_the_saved_tags(runs, tmp_path, capsys):
-    assert cli(runs["teacher"], tmp_path / "out", "--tag", "step_9") == 1
+    assert cli(runs["teacher"], tmp_path / "out", "--tag", "step_9") == 2
     err = capsys.readouterr().err
     assert "step_9" in err and "['step_2', 'step_4']" in err
     assert not (tmp_path / "out").exists()
@@ -240,7 +240,7 @@ def test_non_empty_output_needs_force_then_is_replaced_whole(runs, tmp_path, cap
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert cli(runs["teacher"], out) == 1
+    assert cli(runs["teacher"], out) == 2
     err = capsys.readouterr().err
     assert str(out) in err and "--force" in err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
@@ -266,3 +266,12 @@ def test_a_failed_write_leaves_the_previous_output_untouched_and_no_partial_dire
     with pytest.raises(OSError, match="disk full"):
         write_atomically(tmp_path / "fresh", fail_halfway)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_failed_write_exits_1_in_one_line_and_leaves_nothing(runs, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert cli(runs["teacher"], blocker / "out") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write {blocker / 'out'}" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]

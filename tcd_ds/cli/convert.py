@@ -4,8 +4,8 @@
 
 A dense teacher becomes a plain `BertForMaskedLM` directory; an MoE student (any world size, any ep_size) a
 `moe_bert` directory that loads without DeepSpeed, through `tcd_ds.models.register_auto_classes()` +
-`AutoModelForMaskedLM` or through `trust_remote_code=True`. Exit status 1 with one line naming the file,
-directory or tag on failure.
+`AutoModelForMaskedLM` or through `trust_remote_code=True`. Exit status 2 with one line naming the file,
+directory or tag that cannot be used; 1 when writing the output fails.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tcd_ds.cli.common import refuse
 from tcd_ds.hf.convert import convert
 from tcd_ds.rundir import CheckpointError
 
@@ -27,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         output = convert(args.source, args.output, tag=args.tag, force=args.force)
-    except CheckpointError as e:
-        print(f"convert_to_hf: error: {e}", file=sys.stderr)
+    except CheckpointError as e:  # the user's run, checkpoint, tag or output directory
+        return refuse("convert", e)
+    except OSError as e:  # a fault while writing: nothing is left half-written (a temporary directory)
+        print(f"tcd-ds convert: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"wrote {output}")
     return 0
