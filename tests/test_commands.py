@@ -109,3 +109,19 @@ def test_nothing_reaches_outside_the_package_by_path():
     proc = subprocess.run(["git", "grep", "-n", r"parents\[2\]\|sys.path", "--", "tcd_ds", "tools", "launchers"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stdout == "", proc.stdout  # 1: no match
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare-data", "--spec=teacher_tiny", "--data.train=/no/such.txt"], "data.train: no such file or directory"),
+    (["build-tasks", "{d}", "--out={d}/tasks"], "no movieReviewSnippets_GroundTruth.txt"),
+    (["build-corpus", "{d}/none.xml.bz2", "--out={d}/wiki"], "dump {d}/none.xml.bz2 not found"),
+    (["sweep", "nosuch", "--trials=1"], "nosuch: no such file, nor a shipped sweep"),
+    (["reproduce", "--preset=nosuch"], "nosuch: no such file, nor a shipped preset"),
+    (["reproduce", "--teacher.overrides=[--model.hidden_size=65]"], "teacher: model: hidden_size (65) must be"),
+    (["pretrain", "--spec=teacher_tiny", "--train.stepz=3"], "train.stepz: unknown key"),
+])
+def test_every_command_refuses_a_users_mistake_in_one_line_before_work(argv, message, tmp_path, capsys):
+    assert tcd_ds([a.format(d=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message.format(d=tmp_path) in err and "Traceback" not in err
+    assert not (tmp_path / "tasks").exists() and not (tmp_path / "wiki").exists()

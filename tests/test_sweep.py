@@ -133,3 +133,27 @@ def test_local_sweep_of_two_trials_ranks_them_by_the_metric(tmp_path, cache_dir)
     assert ranked == sorted(finals, key=finals.get)
     printed = [line.split()[1] for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert printed == ranked
+
+
+def write_sweep(tmp_path, parameters: dict, command: list[str]) -> str:
+    sweep = {"method": "grid", "metric": {"name": "val/loss/mlm", "goal": "minimize"}, "parameters": parameters,
+             "command": command}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return str(path)
+
+
+def test_a_sweep_over_a_parameter_the_spec_lacks_is_refused_before_any_trial(tmp_path, capsys):
+    path = write_sweep(tmp_path, {"optim.lrr": {"values": [1e-3]}}, ["${env}", "false", "${args}"])
+    assert sweep_local.main([path, "--trials", "2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "parameters ['optim.lrr'] are not fields of the run spec" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_in_which_no_trial_finished_exits_non_zero(tmp_path, capsys):
+    path = write_sweep(tmp_path, {"optim.lr": {"values": [1e-3, 1e-4]}}, ["${env}", "false", "${args}"])
+    assert sweep_local.main([path, "--trials", "2", "--out", str(tmp_path / "out")]) == 1
+    assert "no trial finished" in capsys.readouterr().err
+    board = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+    assert [row["state"] for row in board["trials"]] == ["failed", "failed"]
