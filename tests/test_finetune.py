@@ -148,7 +148,9 @@ def test_the_lr_grid_selects_the_learning_rate_that_learns_on_the_heldout_slice(
     assert grid["0.001"]["heldout"]["mean"] >= 0.9 > grid["1e-09"]["heldout"]["mean"]
     assert [run["lr"] for run in result["all_runs"]] == [1e-9, 1e-3] and [r["lr"] for r in result["runs"]] == [1e-3]
     assert result["summary"]["test"]["accuracy"]["mean"] == result["runs"][0]["scores"]["test"]["accuracy"]
-    assert len(result["runs"][0]["predictions"]) == len(result["labels"]) == 128  # the test split
+    predictions, labels = result["runs"][0]["predictions"], result["labels"]
+    assert len(predictions) == len(labels) == 128  # the test split, in its order: the reported accuracy is theirs
+    assert sum(p == y for p, y in zip(predictions, labels)) / 128 == result["runs"][0]["scores"]["test"]["accuracy"]
 
 
 def test_a_grid_needs_the_heldout_selection(converted, keyword_task, capsys):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import SequentialSampler
 from transformers import (
     AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, EvalPrediction,
     PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed,
@@ -123,7 +124,8 @@ class LossTally:
 
 
 class FinetuneTrainer(Trainer):
-    """Trainer that tallies, per training batch, its loss, the task loss and the MoE balance loss."""
+    """Trainer that tallies, per training batch, its loss, the task loss and the MoE balance loss, and evaluates in
+    the split's order."""
 
     def __init__(self, *args, regression: bool, tally: LossTally, **kwargs):
         super().__init__(*args, **kwargs)
@@ -136,6 +138,11 @@ class FinetuneTrainer(Trainer):
             self.tally.add(loss, task_loss(outputs.logits, inputs["labels"], self.regression),
                            torch.zeros((), device=loss.device) if aux is None else aux)
         return (loss, outputs) if return_outputs else loss
+
+    def _get_eval_sampler(self, eval_dataset) -> SequentialSampler:
+        """In order (HF groups eval batches by length too, in a seed's own order): predictions line up with the
+        split's examples, the same for every model and seed, as the paired bootstrap needs."""
+        return SequentialSampler(eval_dataset)
 
 
 class EpochRecords(TrainerCallback):
