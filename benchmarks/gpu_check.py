@@ -120,7 +120,7 @@ def check_paths(out: Path, want: str) -> list[CheckPath]:
     student = ["--spec", "student_tiny_tcd", *tiny, "--model.moe.ep_size=1",
                f"--distill.teacher={teacher}", "--distill.teacher_dtype=bf16"]
     tcd_launch = [*DS, *PRETRAIN, *student, f"--run_dir={tcd}", "--train.steps=20", "--train.steps_per_launch=10"]
-    imports = ("import deepspeed, datasets, pydantic, wandb, torch, transformers, tcd_ds\n"
+    imports = ("import deepspeed, datasets, pydantic, torch, transformers, tcd_ds\n"
                "from deepspeed.accelerator import get_accelerator\n"
                f"name = get_accelerator().device_name(); assert name == {want!r}, name\n"
                "print(torch.__version__, deepspeed.__version__, transformers.__version__, name,\n"

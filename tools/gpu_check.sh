@@ -3,7 +3,7 @@
 #
 #   tools/gpu_check.sh --prepare   here, with the package registry: fill .whl/ (git-ignored) with the wheels a bare
 #                                  GPU image lacks (it has torch, transformers, accelerate, sentencepiece,
-#                                  safetensors): deepspeed (built, `pip wheel --no-deps`), datasets, pydantic, wandb
+#                                  safetensors): deepspeed (built, `pip wheel --no-deps`), datasets, pydantic
 #                                  and their dependencies, at the versions this repository is tested with
 #   tools/gpu_check.sh             on the GPU machine, offline: install .whl/, run every path (<= 8 minutes)
 #   tools/gpu_check.sh --dry-run   on CPU, in the test suite: every path's command is checked to parse (its
@@ -49,7 +49,7 @@ def closure(names):
     return seen
 
 image = closure(["torch", "transformers", "accelerate", "sentencepiece", "safetensors"])
-for name in sorted(closure(["deepspeed", "datasets", "pydantic", "wandb"]) - image):
+for name in sorted(closure(["deepspeed", "datasets", "pydantic"]) - image):  # wandb: imported only when on
     print(f"{name}=={distribution(name).version}")
 EOF
 )
