@@ -29,27 +29,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if wants_help(argv, __doc__):
         return 0
-    spec_name = None
+    what = "invalid run spec"
     try:
         line = parse_command_line(argv, options=("spec", "world-size", "local_rank"),
                                   flags=("dry-run", "print-schema", "restart"))
         if "print-schema" in line.flags:
             return print_schema(RunSpec)
         spec_name = line.options.get("spec")
+        what += f" {spec_name}" if spec_name else ""
         world_size = int(line.options.get("world-size") or os.environ.get("WORLD_SIZE", "1"))
+        from tcd_ds.checks import check_files, check_spec
+        from tcd_ds.rundir.relaunch import check_relaunch
         from tcd_ds.train.wandb_run import agent_overrides, agent_run_dir
 
         spec = load_spec(spec_name, agent_overrides(os.environ) + line.overrides)
         spec.run_dir = agent_run_dir(spec.run_dir, os.environ)
-        from tcd_ds.checks import check_files, check_spec
-
-        from tcd_ds.rundir.relaunch import check_relaunch
-
         check_spec(spec, world_size)
         check_files(spec)
         check_relaunch(spec, "restart" in line.flags)
     except (SpecError, ValueError) as e:
-        return refuse(f"invalid run spec{' ' + spec_name if spec_name else ''}", e)
+        return refuse(what, e)
     if "dry-run" in line.flags:
         from tcd_ds.train.ds_config import deepspeed_config
 
@@ -62,13 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     from tcd_ds.data.text import CorpusError
     from tcd_ds.distill.teacher import TeacherMismatch
     from tcd_ds.rundir.relaunch import RelaunchRefused
+    from tcd_ds.train.device import AcceleratorMismatch, check_accelerator
+    from tcd_ds.train.ds_config import accelerator_name
     from tcd_ds.train.faults import FileSystemFault
     from tcd_ds.train.guard import NonFiniteTraining
     from tcd_ds.train.launch import free_port
     from tcd_ds.train.trainer import train
-
-    from tcd_ds.train.device import AcceleratorMismatch, check_accelerator
-    from tcd_ds.train.ds_config import accelerator_name
 
     try:
         check_accelerator(accelerator_name())
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(spec, restart="restart" in line.flags)
     except (TeacherMismatch, CorpusError, RelaunchRefused) as e:  # need the student's tokenizer / the corpus
-        exit_without_teardown(refuse(f"invalid run spec{' ' + spec_name if spec_name else ''}", e))
+        exit_without_teardown(refuse(what, e))
     except FileSystemFault as e:  # every rank raises it; one line per node
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"[tcd-ds] {e}", file=sys.stderr)
