@@ -88,7 +88,7 @@ def test_protocol_writes_one_row_per_model_with_finite_numbers(protocol, teacher
         assert row["scores"] == scores and row["seeds"] == [1, 2] and row["selected_lr"] == 1e-3
         assert row["mean"] == pytest.approx(sum(scores) / 2)
         assert all(job["selection"] == "heldout" and job["heldout_examples"] == 64 for job in jobs)
-        assert set(m["differences"]["movie_reviews full"]) == {"moe", "teacher"} - {m["name"]}
+        assert set(m["differences"]["movie_reviews full"]) == {"moe", "teacher", "scratch"} - {m["name"]}
     assert not (out / "pretrain" / "teacher").exists() and not (out / "pretrain" / "tcd").exists()  # given runs
 
     table = (out / "results.md").read_text()

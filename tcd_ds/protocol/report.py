@@ -15,7 +15,9 @@ from tcd_ds.protocol.preset import Preset
 from tcd_ds.rundir import RunDir
 from tcd_ds.train.metrics import read_metrics
 
-REFERENCES = ("moe", "teacher")  # each model's paired difference is taken to these rows
+# Each model's paired difference is taken to these rows (those present): does distillation beat the plain MoE
+# student, does the student beat its teacher, does pre-training beat none.
+REFERENCES = ("moe", "teacher", SCRATCH)
 
 
 def pretraining_summary(records: list[dict]) -> dict:
@@ -47,7 +49,7 @@ def gather(preset: Preset, rows: list[Model], out: Path) -> dict:
             "ood_mlm": json.loads(probe_result(out, m.name).read_text()),
             "downstream": {column: downstream_summary(result) for column, result in finetuned[m.name].items()},
             "differences": {column: {ref: paired_difference(result, finetuned[ref][column], result["main_metric"])
-                                     for ref in REFERENCES if ref != m.name}
+                                     for ref in REFERENCES if ref != m.name and ref in finetuned}
                             for column, result in finetuned[m.name].items()},
         })
     results = {"probe": preset.probe.name, "seeds": preset.finetune.seeds, "models": models}
@@ -117,13 +119,14 @@ def markdown_table(results: dict) -> str:
 
 
 def differences_table(results: dict, columns_: list[str]) -> list[str]:
-    header = ["model", *(f"{c}: - {ref}" for c in columns_ for ref in REFERENCES)]
+    references = [ref for ref in REFERENCES if ref in {m["name"] for m in results["models"]}]
+    header = ["model", *(f"{c}: - {ref}" for c in columns_ for ref in references)]
     lines = ["Paired differences, model - reference, on the same seeds: mean over seeds [95% t interval over seeds] "
              "[95% bootstrap interval over evaluation examples]; * where the interval excludes zero.", "",
              *table_lines(header)]
     for m in results["models"]:
         cells = [difference_cell(m["differences"][c][ref]) if ref in m["differences"][c] else "—"
-                 for c in columns_ for ref in REFERENCES]
+                 for c in columns_ for ref in references]
         lines.append("| " + " | ".join([m["name"], *cells]) + " |")
     return lines
 
