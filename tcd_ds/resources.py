@@ -23,6 +23,15 @@ def bundled_path(path: str) -> str:
     return path
 
 
+def portable_path(path: str) -> str:
+    """A bundled file's absolute path back as `bundled:REL`, any other path unchanged: what a spec records, so a run
+    made with one installation of the package compares equal to the same spec in another (a venv, a checkout)."""
+    resolved = Path(path)
+    if resolved.is_absolute() and resolved.is_relative_to(BUNDLED):
+        return BUNDLED_PREFIX + resolved.relative_to(BUNDLED).as_posix()
+    return path
+
+
 def shipped(kind: str) -> dict[str, Path]:
     """The shipped files of one kind by name: `spec` (run specs), `preset` (protocol presets), `sweep`."""
     if kind == "preset":

@@ -15,10 +15,11 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+    AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, ValidationInfo, field_validator,
+    model_validator,
 )
 
-from tcd_ds.resources import bundled_path, find_file
+from tcd_ds.resources import bundled_path, find_file, portable_path
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -26,7 +27,8 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Dtype = Literal["fp32", "bf16", "fp16"]
 RelationLocation = Literal["trunk", "residual_inner", "attention"]
 RELATION_LOCATIONS: tuple[RelationLocation, ...] = ("trunk", "residual_inner", "attention")  # DistillSpec fields
-DataPath = Annotated[str, AfterValidator(bundled_path)]  # a path, or `bundled:REL` for a file the package ships
+# A path, or `bundled:REL` for a file the package ships: absolute once validated, `bundled:REL` again when dumped.
+DataPath = Annotated[str, AfterValidator(bundled_path), PlainSerializer(portable_path)]
 
 
 class Section(BaseModel):
@@ -179,7 +181,8 @@ class ParallelSpec(Section):
     allgather_bucket_size: PositiveInt | None = Field(
         None, description="ZeRO parameter elements per all-gather after the step; default by accelerator"
     )
-    timeout_minutes: PositiveInt = 30
+    timeout_minutes: float = Field(
+        30, gt=0, allow_inf_nan=False, description="how long a collective waits for the slowest rank before the job ends")
 
     @field_validator("zero_stage")
     @classmethod

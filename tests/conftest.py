@@ -2,6 +2,8 @@
 
 import os
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -90,4 +92,30 @@ def tcd_run(tmp_path_factory, cache_dir, teacher_run) -> Path:
     return run_dir
 
 
+def run_ok(argv: list, cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command; fail the test with its output unless it exits 0."""
+    proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{argv}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
 
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory) -> tuple[Path, dict]:
+    """The package as users meet it on a cluster (tests/test_wheel.py, and the protocol in tests/test_protocol.py):
+    a wheel built from this checkout (`pip wheel --no-deps .`), installed non-editable into a fresh virtual
+    environment that sees the suite's installed dependencies (--system-site-packages: nothing is downloaded; and
+    `--no-deps`, since the venv's own older setuptools would not satisfy torch's metadata).
+    Returns (the venv's bin directory, an environment without the checkout on any path)."""
+    root = tmp_path_factory.mktemp("wheel")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    run_ok([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", root / "dist", REPO], root,
+        env)
+    (wheel,) = (root / "dist").glob("tcd_ds-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"tcd_ds/presets/protocol_tiny.yaml", "tcd_ds/presets/sweeps/teacher_strength.yaml",
+            "tcd_ds/bundled/wiki/train.txt", "tcd_ds/bundled/tasks/movie_reviews/task.yaml"} <= names
+    run_ok([sys.executable, "-m", "venv", "--system-site-packages", root / "venv"], root, env)
+    bin_dir = root / "venv" / "bin"
+    run_ok([bin_dir / "python", "-m", "pip", "install", "--no-index", "--no-deps", wheel], root, env)
+    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return bin_dir, env

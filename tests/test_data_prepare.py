@@ -136,13 +136,14 @@ def test_batches_are_the_per_sample_definition_built_together_and_prefetched(tok
 
 
 def test_a_data_build_longer_than_the_collective_timeout_does_not_kill_a_2_rank_launch(tmp_path):
-    """Before: local rank 0 tokenized while rank 1 waited in a barrier, and gloo killed it after 60 s."""
+    """Before: local rank 0 tokenized while rank 1 waited in a barrier, and gloo killed it after the collective
+    timeout (here shortened to 15 s)."""
     command = launch_command(
         TEACHER, f"--run_dir={tmp_path / 'run'}", f"--data.cache_dir={tmp_path / 'cache'}",
         f"--data.train=[{_head(tmp_path / 'train.txt', 200)}]", "--data.tokenizer.vocab_size=500",
-        "--parallel.timeout_minutes=1", "--train.steps=1", "--train.eval_batches=1", "--logging.progress_bar=False",
+        "--parallel.timeout_minutes=0.25", "--train.steps=1", "--train.eval_batches=1", "--logging.progress_bar=False",
     )
-    env = {**LAUNCH_ENV, TEST_DELAY_ENV: "62"}  # the builder sleeps 62 s after its first chunk of blocks
+    env = {**LAUNCH_ENV, TEST_DELAY_ENV: "18"}  # the builder sleeps 18 s after its first chunk of blocks
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -2,8 +2,10 @@
 the plots, jobs in two slots scoring as in one, finished stages skipped on rerun, changed settings rerun
 downstream, the ablation switch and the preset's checks.
 
-The session's tiny teacher and TCD runs (conftest.py) are given to the protocol as existing runs; it pre-trains
-the MoE baseline itself, through the `deepspeed` runner."""
+The protocol runs as users run it on a cluster: `tcd-ds reproduce` of the installed wheel (conftest's
+`installed_wheel`), from an empty directory. The session's tiny teacher and TCD runs (conftest.py) are given to it
+as existing runs; it pre-trains the MoE baseline and the teacher-strength student itself, through the `deepspeed`
+runner."""
 
 import json
 import math
@@ -15,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import LAUNCH_ENV, REPO
+from conftest import run_ok
 from tcd_ds.protocol.plan import stages
 from tcd_ds.protocol.preset import Preset, check_comparison, load_preset, stage_specs
 from tcd_ds.protocol.report import markdown_table
@@ -45,15 +47,21 @@ def job_results(out: Path, model: str) -> list[dict]:
             for seed in (1, 2)]
 
 
-def reproduce(out: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tcd_ds.cli.reproduce", "--preset", "tiny", "--out", str(out), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
+@pytest.fixture(scope="module")
+def reproduce(installed_wheel, tmp_path_factory):
+    """`tcd-ds reproduce --preset tiny --out OUT ARGS` of the installed wheel, from an empty directory."""
+    bin_dir, env = installed_wheel
+    cwd = tmp_path_factory.mktemp("empty")
+
+    def run(out: Path, *args: str) -> subprocess.CompletedProcess:
+        return run_ok([bin_dir / "tcd-ds", "reproduce", "--preset", "tiny", "--out", out, *args], cwd, env)
+
+    return run
 
 
 @pytest.fixture(scope="module")
-def protocol(tmp_path_factory, teacher_run, tcd_run, cache_dir) -> tuple[Path, list[str], str]:
+def protocol(reproduce, tmp_path_factory, teacher_run, tcd_run, cache_dir) -> tuple[Path, list[str], str]:
+    """Two teacher strengths: the listed checkpoint (step 8, the row tcd@8) and the teacher's last (the tcd row)."""
     out = tmp_path_factory.mktemp("protocol")
     args = [*given_runs(teacher_run, tcd_run, cache_dir), f"--teacher_strengths=[{STRENGTH}]"]
     return out, args, reproduce(out, *args).stdout
@@ -97,7 +105,7 @@ def test_protocol_writes_one_row_per_model_with_finite_numbers(protocol, teacher
     assert rows[5].split("|")[2:4] == [" 0 ", " — "]  # no pre-training steps, no validation loss
     assert "Paired differences, model - reference" in table and "Teacher strength" in table
     assert "the epoch with the best accuracy on a held-out slice of train (64 examples" in table
-    assert table in stdout
+    assert table in stdout and "[protocol] finished" in stdout
     jobs = [line for line in stdout.splitlines() if ": running on slot" in line]
     assert len(jobs) == 15 and {line.split(" on slot ")[1][0] for line in jobs} == {"0", "1"}  # 5 probes, 10 fine-tunings
 
@@ -138,7 +146,7 @@ def test_protocol_writes_the_plots(protocol):
         assert data.startswith(PNG) and len(data) > 10_000, name
 
 
-def test_rerun_skips_every_finished_stage(protocol):
+def test_rerun_skips_every_finished_stage(protocol, reproduce):
     out, args, _ = protocol
     before = (out / "results.json").read_text()
     stdout = reproduce(out, *args).stdout
@@ -149,22 +157,20 @@ def test_rerun_skips_every_finished_stage(protocol):
     assert (out / "results.json").read_text() == before
 
 
-def test_one_slot_scores_as_two(protocol, tmp_path):
-    """The teacher's and the student's fine-tunings, which ran beside other jobs in two slots, run again one after
-    another in a single slot (with the same thread per job): the same numbers, to the last bit."""
+def test_one_slot_scores_as_two(protocol, reproduce):
+    """A teacher's and a student's fine-tuning, which ran beside other jobs in two slots, run again one after the
+    other in a single slot (with the same thread per job): the same numbers, to the last bit."""
     out, args, _ = protocol
-    parallel = {}
-    for model in ("teacher", "tcd"):
-        parallel[model] = job_results(out, model)
-        for seed in (1, 2):
-            (out / "finetune" / model / "movie_reviews_full" / f"lr_0.001_seed_{seed}.json").unlink()
-            (out / "stages" / f"finetune_{model}_movie_reviews_full_lr_0.001_seed_{seed}.json").unlink()
+    jobs = [("teacher", 1), ("tcd", 2)]
+    parallel = {(model, seed): job_results(out, model)[seed - 1] for model, seed in jobs}
+    for model, seed in jobs:
+        (out / "finetune" / model / "movie_reviews_full" / f"lr_0.001_seed_{seed}.json").unlink()
+        (out / "stages" / f"finetune_{model}_movie_reviews_full_lr_0.001_seed_{seed}.json").unlink()
     stdout = reproduce(out, *args, "--jobs.slots=1").stdout
     reran = [line for line in stdout.splitlines() if ": running on slot" in line]
-    assert len(reran) == 4 and all(" on slot 0 (cores " in line for line in reran), reran
-    for model in ("teacher", "tcd"):
-        serial = job_results(out, model)
-        assert [job["all_runs"] for job in serial] == [job["all_runs"] for job in parallel[model]]
+    assert len(reran) == 2 and all(" on slot 0 (cores " in line for line in reran), reran
+    for model, seed in jobs:
+        assert job_results(out, model)[seed - 1]["all_runs"] == parallel[model, seed]["all_runs"]
 
 
 def test_table_marks_constant_predictors():

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import REPO
 from tcd_ds.checks import check_files, check_spec
-from tcd_ds.resources import PRESETS
+from tcd_ds.resources import BUNDLED, PRESETS
 from tcd_ds.spec import SpecError, load_spec
 from tcd_ds.train.ds_config import deepspeed_config
 
@@ -157,3 +157,15 @@ def test_bundled_presets_are_valid(preset, tmp_path, monkeypatch):
     world_size = spec.model.moe.ep_size * (1 if spec.model.moe.ep_size > 1 else 2) if spec.model.moe else 2
     check_spec(spec, world_size)
     assert deepspeed_config(spec, world_size)["train_batch_size"] == spec.train.global_batch_size
+
+
+def test_a_bundled_file_is_recorded_by_name_and_read_back_as_this_installations_copy(tmp_path):
+    """A run's spec.yaml names bundled data as `bundled:REL`, so a run made from a checkout and the same spec in
+    an installed wheel (another absolute path) compare equal; loading it resolves to the file here."""
+    spec = load_spec(PRESETS / "teacher_tiny.yaml", [f"--data.validation=[bundled:wiki/validation.txt, {tmp_path}]"])
+    assert spec.data.train == [str(BUNDLED / "wiki" / "train.txt")]
+    recorded = spec.model_dump(mode="json")["data"]
+    assert recorded["train"] == ["bundled:wiki/train.txt"]
+    assert recorded["validation"] == ["bundled:wiki/validation.txt", str(tmp_path)]  # other paths as given
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    assert load_spec(tmp_path / "spec.yaml", []) == spec

@@ -3,8 +3,9 @@
 #
 #   tools/gpu_check.sh --prepare   here, with the package registry: fill .whl/ (git-ignored) with the wheels a bare
 #                                  GPU image lacks (it has torch, transformers, accelerate, sentencepiece,
-#                                  safetensors): deepspeed (built, `pip wheel --no-deps`), datasets, pydantic
-#                                  and their dependencies, at the versions this repository is tested with
+#                                  safetensors, pandas, pyarrow, ...): deepspeed
+#                                  (built, `pip wheel --no-deps`), datasets, pydantic and their dependencies, at
+#                                  the versions this repository is tested with
 #   tools/gpu_check.sh             on the GPU machine, offline: install .whl/, run every path (<= 8 minutes)
 #   tools/gpu_check.sh --dry-run   on CPU, in the test suite: every path's command is checked to parse (its
 #                                  --help, or the launcher's --dry-run), so the script cannot rot
@@ -48,7 +49,9 @@ def closure(names):
                 todo.append(canonicalize_name(req.name))
     return seen
 
-image = closure(["torch", "transformers", "accelerate", "sentencepiece", "safetensors"])
+# pandas and pyarrow (datasets' largest needs, 67 MB of wheels) are in the image too: carried, they would not fit
+# the device's 64 MiB.
+image = closure(["torch", "transformers", "accelerate", "sentencepiece", "safetensors", "pandas", "pyarrow"])
 for name in sorted(closure(["deepspeed", "datasets", "pydantic"]) - image):  # wandb: imported only when on
     print(f"{name}=={distribution(name).version}")
 EOF
