@@ -9,6 +9,7 @@ runner."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -295,3 +296,15 @@ def test_the_cluster_presets_are_fair_comparisons(name, tmp_path, monkeypatch):
 def test_teacher_strengths_must_be_checkpoints_with_a_validation_loss():
     with pytest.raises(SpecError, match=r"teacher_strengths: \[6\] are not teacher steps with a checkpoint"):
         load_preset(TINY, ["--teacher_strengths=[4, 6]"])  # the tiny preset's teacher: both every 4 steps
+
+
+def test_a_given_run_is_read_as_its_latest_checkpoint_says(teacher_run, tmp_path):
+    """A later launch may rewrite RUN/spec.yaml (a relaunch that changed the lr, say); the protocol compares and
+    describes the model its latest checkpoint holds."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_run, teacher)
+    rewritten = yaml.safe_load((teacher / "spec.yaml").read_text())
+    trained_lr, rewritten["optim"]["lr"] = rewritten["optim"]["lr"], 0.123
+    (teacher / "spec.yaml").write_text(yaml.safe_dump(rewritten))
+    preset = validate(Preset, {**yaml.safe_load(TINY.read_text()), "teacher": {"run": str(teacher)}})
+    assert stage_specs(preset)["teacher"].optim.lr == trained_lr != 0.123

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from tcd_ds.checks import check_files, check_spec, check_text_files
 from tcd_ds.downstream.spec import FinetuneSettings, Mode, ProbeSettings
 from tcd_ds.downstream.tasks import GLUE, TaskError, load_task
-from tcd_ds.rundir import RunDir
+from tcd_ds.rundir import Checkpoint, RunDir
 from tcd_ds.spec import (
     RELATION_LOCATIONS, RelationLocation, RunSpec, Section, SpecError, apply_overrides, find_spec_file,
     read_yaml_mapping, validate,
@@ -42,9 +42,14 @@ class Pretraining(Section):
         return self
 
     def spec_file(self) -> Path:
-        """The spec file the run starts from: the named spec, or a given run's resolved spec."""
+        """The spec file the run starts from: the named spec, or a given run's resolved spec (its latest
+        checkpoint's, which says what that model is even if a later launch rewrote the run's spec.yaml)."""
         if self.run is not None:
-            path = RunDir(self.run).spec_file
+            run = RunDir(self.run)
+            latest = run.latest_tag()
+            path = Checkpoint(run.path, latest).spec_file if latest is not None else run.spec_file
+            if not path.is_file():
+                path = run.spec_file  # a checkpoint from before checkpoints carried their spec
             if not path.is_file():
                 raise SpecError([f"run: {self.run} is not a run directory of ours (no spec.yaml)"])
             return path
