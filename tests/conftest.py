@@ -86,6 +86,14 @@ def teacher_run(tmp_path_factory, cache_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def moe_run(tmp_path_factory, cache_dir) -> Path:
+    """The MoE baseline of `tcd_run`: the same student without its teacher."""
+    run_dir = tmp_path_factory.mktemp("moe")
+    launch(STUDENT_MOE, *fast(run_dir, cache_dir))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def tcd_run(tmp_path_factory, cache_dir, teacher_run) -> Path:
     run_dir = tmp_path_factory.mktemp("tcd")
     launch(STUDENT_TCD, *fast(run_dir, cache_dir), f"--distill.teacher={teacher_run}")

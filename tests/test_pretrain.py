@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import (
-    LOSSES, REPO, STUDENT_MOE, STUDENT_TCD, TEACHER, fast, final_weights, free_port, launch, losses_by_step,
+    LOSSES, REPO, STUDENT_TCD, TEACHER, fast, final_weights, free_port, launch, losses_by_step,
 )
 from tcd_ds.resources import BUNDLED
 from tcd_ds.train.metrics import read_metrics
@@ -82,9 +82,8 @@ def test_tcd_student_trains_with_falling_relation_losses(tcd_run):
     assert records[-1]["loss/mlm"] < records[0]["loss/mlm"]
 
 
-def test_zero_relation_weights_give_the_moe_baseline(tmp_path, cache_dir, teacher_run):
-    baseline, zero = tmp_path / "baseline", tmp_path / "zero"
-    launch(STUDENT_MOE, *fast(baseline, cache_dir))
+def test_zero_relation_weights_give_the_moe_baseline(tmp_path, cache_dir, teacher_run, moe_run):
+    baseline, zero = moe_run, tmp_path / "zero"
     launch(
         STUDENT_TCD, *fast(zero, cache_dir), f"--distill.teacher={teacher_run}",
         "--distill.trunk.weight=0", "--distill.residual_inner.weight=0", "--distill.attention.weight=0",

@@ -3,9 +3,8 @@ the plots, jobs in two slots scoring as in one, finished stages skipped on rerun
 downstream, the ablation switch and the preset's checks.
 
 The protocol runs as users run it on a cluster: `tcd-ds reproduce` of the installed wheel (conftest's
-`installed_wheel`), from an empty directory. The session's tiny teacher and TCD runs (conftest.py) are given to it
-as existing runs; it pre-trains the MoE baseline and the teacher-strength student itself, through the `deepspeed`
-runner."""
+`installed_wheel`), from an empty directory. The session's tiny teacher, MoE and TCD runs (conftest.py) are given to
+it as existing runs; it pre-trains the teacher-strength student itself, through the `deepspeed` runner."""
 
 import json
 import math
@@ -33,9 +32,9 @@ BUDGET = "--train.steps=8, --logging.every=1, --train.eval_every=4, --checkpoint
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def given_runs(teacher_run: Path, tcd_run: Path, cache_dir: Path) -> list[str]:
-    return ["--teacher.spec=null", f"--teacher.run={teacher_run}", "--tcd.spec=null", f"--tcd.run={tcd_run}",
-            f"--moe.overrides=[{BUDGET}, --data.cache_dir={cache_dir}]", f"--probe.cache_dir={cache_dir}"]
+def given_runs(teacher_run: Path, moe_run: Path, tcd_run: Path, cache_dir: Path) -> list[str]:
+    return [*(f"--{name}.{key}" for name, run in (("teacher", teacher_run), ("moe", moe_run), ("tcd", tcd_run))
+              for key in ("spec=null", f"run={run}")), f"--probe.cache_dir={cache_dir}"]
 
 
 STRENGTH = 8  # a checkpoint of the given teacher run (12 steps, checkpoints 8 and 12 kept): the row tcd@8
@@ -61,10 +60,10 @@ def reproduce(installed_wheel, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def protocol(reproduce, tmp_path_factory, teacher_run, tcd_run, cache_dir) -> tuple[Path, list[str], str]:
+def protocol(reproduce, tmp_path_factory, teacher_run, moe_run, tcd_run, cache_dir) -> tuple[Path, list[str], str]:
     """Two teacher strengths: the listed checkpoint (step 8, the row tcd@8) and the teacher's last (the tcd row)."""
     out = tmp_path_factory.mktemp("protocol")
-    args = [*given_runs(teacher_run, tcd_run, cache_dir), f"--teacher_strengths=[{STRENGTH}]"]
+    args = [*given_runs(teacher_run, moe_run, tcd_run, cache_dir), f"--teacher_strengths=[{STRENGTH}]"]
     return out, args, reproduce(out, *args).stdout
 
 
@@ -76,12 +75,12 @@ def numbers(tree) -> list[float]:
     return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
-def test_protocol_writes_one_row_per_model_with_finite_numbers(protocol, teacher_run, tcd_run):
+def test_protocol_writes_one_row_per_model_with_finite_numbers(protocol, teacher_run, moe_run, tcd_run):
     out, _, stdout = protocol
     results = json.loads((out / "results.json").read_text())
     assert [m["name"] for m in results["models"]] == MODELS
     assert all(math.isfinite(x) for x in numbers(results))
-    runs = {"teacher": teacher_run, "moe": out / "pretrain" / "moe", "tcd": tcd_run,
+    runs = {"teacher": teacher_run, "moe": moe_run, "tcd": tcd_run,
             f"tcd@{STRENGTH}": out / "pretrain" / f"tcd@{STRENGTH}"}
     for m in results["models"]:
         if m["name"] == "scratch":
@@ -98,7 +97,7 @@ def test_protocol_writes_one_row_per_model_with_finite_numbers(protocol, teacher
         assert row["mean"] == pytest.approx(sum(scores) / 2)
         assert all(job["selection"] == "heldout" and job["heldout_examples"] == 64 for job in jobs)
         assert set(m["differences"]["movie_reviews full"]) == {"moe", "teacher", "scratch"} - {m["name"]}
-    assert not (out / "pretrain" / "teacher").exists() and not (out / "pretrain" / "tcd").exists()  # given runs
+    assert sorted(p.name for p in (out / "pretrain").iterdir()) == [f"tcd@{STRENGTH}"]  # the others: given runs
 
     table = (out / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
@@ -152,7 +151,7 @@ def test_rerun_skips_every_finished_stage(protocol, reproduce):
     before = (out / "results.json").read_text()
     stdout = reproduce(out, *args).stdout
     progress = [line for line in stdout.splitlines() if line.startswith("[protocol ")]
-    assert len(progress) == 22  # 2 pre-trainings (not the given runs'), 4 conversions, the scratch model, 5 probes,
+    assert len(progress) == 21  # 1 pre-training (not the given runs'), 4 conversions, the scratch model, 5 probes,
     # 10 fine-tunings (one per seed)
     assert all(line.endswith("done in an earlier run, skipped") for line in progress), progress
     assert (out / "results.json").read_text() == before
