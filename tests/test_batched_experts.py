@@ -106,7 +106,7 @@ def test_expert_forward_allocates_nothing_the_size_of_the_expert_weights():
     x = torch.randn(1, tokens, 32, requires_grad=True)
     assert large_tensors(lambda: layer(x), one_projection) == []
     loop = Experts(ExpertFFN(config(hidden_size=32, intermediate_size=64)), local, "ep_size_1")
-    assert large_tensors(lambda: plain_module.stacked_experts(loop.deepspeed_experts), one_projection)
+    assert large_tensors(lambda: torch.stack([e.dense_in.weight for e in loop.deepspeed_experts]), one_projection)
 
 
 def test_routing_under_bf16_autocast_is_fp32():
@@ -192,9 +192,10 @@ def per_expert_loop(moe, x: torch.Tensor, token_mask: torch.Tensor | None) -> to
     expert, probs, kept = moe.gate(x, token_mask)
     weight = probs.gather(1, expert[:, None]).squeeze(1)
     out = torch.zeros_like(x)
-    for e, ffn in enumerate(moe.experts.deepspeed_experts):
+    for e in range(moe.experts.num_experts):
         tokens = torch.nonzero(kept & (expert == e)).squeeze(1)
-        out = out.index_add(0, tokens, (weight[tokens, None] * ffn(x[tokens]).float()).to(x.dtype))
+        ffn = plain_module.expert_ffn(x[tokens], *(w[e] for w in moe.experts.stacked()))
+        out = out.index_add(0, tokens, (weight[tokens, None] * ffn.float()).to(x.dtype))
     return out
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tcd_ds.models.deepspeed_moe import DeepSpeedMoEFeedForward
-from tcd_ds.models.modeling_moe_bert import MoEBertConfig, MoEFeedForward, kl_uniform_balance_loss
+from tcd_ds.models.modeling_moe_bert import MoEBertConfig, MoEFeedForward, expert_ffn, kl_uniform_balance_loss
+from test_converted_experts import per_expert
 
 H, I, E = 8, 16, 4
 
@@ -33,7 +34,7 @@ def pair(cfg: MoEBertConfig, seed: int = 0) -> tuple[MoEFeedForward, DeepSpeedMo
     with torch.no_grad():
         plain.deepspeed_moe.gate.wg.weight[0] += 1.0
     deepspeed = DeepSpeedMoEFeedForward(cfg)
-    deepspeed.load_state_dict(plain.state_dict(), strict=True)
+    deepspeed.load_state_dict(per_expert(plain.state_dict()), strict=True)  # the files' per-expert names
     return plain, deepspeed
 
 
@@ -121,11 +122,11 @@ def test_eval_keeps_the_first_tokens_of_each_expert_in_batch_order(noise):
     experts, probs = routing_by_hand(plain, x, mask)
     expected = torch.zeros(24, H)
     taken = [0] * E
-    ffns = plain.deepspeed_moe.experts.deepspeed_experts
+    weights = plain.deepspeed_moe.experts.stacked()
     with torch.no_grad():
         for s, (e, p) in enumerate(zip(experts, probs)):
             if e >= 0 and taken[e] < capacity:
-                expected[s] = p * ffns[e](x.reshape(-1, H)[s])
+                expected[s] = p * expert_ffn(x.reshape(-1, H)[s], *(w[e] for w in weights))
                 taken[e] += 1
     assert sum(taken) < int(mask.sum()), "the premise: some tokens are dropped"
     torch.testing.assert_close(run(plain, x, mask), expected, rtol=0, atol=1e-6)

@@ -2,7 +2,9 @@
 
 Output: config.json, model.safetensors (fp32), the run's tokenizer files, README.md (the model card) and, for
 an MoE student, modeling_moe_bert.py with an `auto_map` in config.json for `trust_remote_code`. A teacher is
-a plain `BertForMaskedLM` directory.
+a plain `BertForMaskedLM` directory. A student's experts are written under DeepSpeed's per-expert names, as its
+checkpoint names them; the model holds them stacked (see modeling_moe_bert.py: `load_state_dict` and
+`from_pretrained` stack them, `save_pretrained` splits them back).
 """
 
 from __future__ import annotations

@@ -66,7 +66,9 @@ def usage(is_moe: bool) -> list[str]:
         "it with the config's `balance_weight`, as pre-training did (set `config.balance_weight = 0` to leave it out).",
         "",
         "Routing is DeepSpeed's top-1 gate in plain PyTorch; eval and inference drop no token (`eval_drop_tokens`",
-        "in config.json; see the docstring of `modeling_moe_bert.py`).",
+        "in config.json; see the docstring of `modeling_moe_bert.py`). `model.safetensors` holds each expert under",
+        "its own name (`...experts.deepspeed_experts.{e}.dense_in.weight`); the model stacks them on loading, and",
+        "`save_pretrained` writes them back the same way.",
     ]
 
 

@@ -10,8 +10,17 @@ The contract is HF's for MoE models (Mixtral, Switch): `forward` returns the loa
 `aux_loss` and includes `config.balance_weight * aux_loss` in `loss` whenever labels are given.
 
 Module paths are DeepSpeed-MoE's with every expert local (`output.dense.deepspeed_moe.gate.wg`,
-`output.dense.deepspeed_moe.experts.deepspeed_experts.{e}`, e the global expert id), so one
-`model.safetensors` loads into this class and into the training class.
+`output.dense.deepspeed_moe.experts`). The experts' weights are stored the way they are computed, stacked over
+the experts, so no forward copies them:
+  ...deepspeed_moe.experts.dense_in.weight  [E, I, H]   ...deepspeed_moe.experts.dense_in.bias   [E, I]
+  ...deepspeed_moe.experts.dense_out.weight [E, H, I]   ...deepspeed_moe.experts.dense_out.bias  [E, H]
+Files keep DeepSpeed's per-expert names (`...experts.deepspeed_experts.{e}.dense_in.weight` [I, H] etc., e the
+global expert id), so one `model.safetensors` loads into this class and into the training class, and directories
+converted before the experts were stacked load unchanged. transformers maps the two layouts as it maps Mixtral's
+per-expert checkpoints onto its 3D expert weights: the conversion registered for `moe_bert` below stacks the
+experts in `from_pretrained` and splits them back in `save_pretrained`. `load_state_dict` also accepts the
+per-expert names (`Experts._load_from_state_dict`: DeepSpeed's files, the converter); `state_dict()` has the
+stacked ones.
 
 Routing is DeepSpeed's top-1 gate (`deepspeed.moe.sharded_moe.top1gating`) written out:
 - logits = x @ wg.T in fp32; probs = softmax(logits); each real token goes to its argmax expert and its
@@ -30,7 +39,7 @@ Routing is DeepSpeed's top-1 gate (`deepspeed.moe.sharded_moe.top1gating`) writt
   reproduce a training-time evaluation that dropped tokens, call it with one rank's micro-batch (DeepSpeed
   computes capacity per rank's micro-batch).
 - Routing runs in fp32 with autocast off, so bf16 fine-tuning routes as fp32 pre-training did.
-- The experts run batched over their stacked weights, the kept tokens sorted by expert: one
+- The experts run batched over their stacked weights (views, no copy), the kept tokens sorted by expert: one
   `torch._grouped_mm` per projection where it runs (CPU; CUDA bf16 from sm90; under autocast in its dtype),
   each expert's rows padded to a 16-byte multiple as the CUDA kernels need, with every shape fixed by the token
   count, so the forward reads nothing back to the host. Elsewhere (host reads there) one `baddbmm` over a
@@ -58,6 +67,9 @@ from transformers import (
     AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig, BertForMaskedLM,
     BertForSequenceClassification,
 )
+from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import MergeModulelist, WeightConverter
 from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput
 
 JITTER = 1e-2  # DeepSpeed's multiplicative_jitter epsilon
@@ -87,7 +99,8 @@ class MoEBertConfig(BertConfig):
 
 
 class ExpertFFN(nn.Module):
-    """One expert: BERT's FFN without its residual (dense_in = intermediate.dense, dense_out = output.dense)."""
+    """One expert: BERT's FFN without its residual (dense_in = intermediate.dense, dense_out = output.dense). The
+    per-expert layout of the files and of DeepSpeed's `Experts`, which the training class builds from it."""
 
     def __init__(self, config: MoEBertConfig):
         super().__init__()
@@ -153,11 +166,9 @@ class Top1Gate(nn.Module):
         return fits
 
 
-def stacked_experts(experts: nn.ModuleList) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The experts' weights stacked: dense_in [E, I, H] and [E, I], dense_out [E, H, I] and [E, H]. A copy per
-    call, whose backward hands each expert its slice of the gradient; the parameters stay one Linear each."""
-    return (torch.stack([e.dense_in.weight for e in experts]), torch.stack([e.dense_in.bias for e in experts]),
-            torch.stack([e.dense_out.weight for e in experts]), torch.stack([e.dense_out.bias for e in experts]))
+def expert_ffn(x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+    """`ExpertFFN.forward` with one expert's weights: x [N, H] -> [N, H]."""
+    return F.linear(F.gelu(F.linear(x, w_in, b_in)), w_out, b_out)
 
 
 def batched_expert_ffn(x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
@@ -166,12 +177,42 @@ def batched_expert_ffn(x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_o
     return torch.baddbmm(b_out.unsqueeze(1), h, w_out.transpose(1, 2))
 
 
+class StackedLinear(nn.Module):
+    """One `nn.Linear` per expert, stacked as the batched products take them: weight [experts, out, in], bias
+    [experts, out]. Initialised as `nn.Linear` is, each expert its own draw; in a model, as BERT's Linears
+    (`MoEBertLayers.initialize_weights`)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features).uniform_(-bound, bound))
+
+
+EXPERT_TENSORS = ("dense_in.weight", "dense_in.bias", "dense_out.weight", "dense_out.bias")
+
+
 class Experts(nn.Module):
-    """All experts of one layer, indexed by global expert id."""
+    """All experts of one layer, indexed by global expert id, their weights stacked (module docstring)."""
 
     def __init__(self, config: MoEBertConfig):
         super().__init__()
-        self.deepspeed_experts = nn.ModuleList(ExpertFFN(config) for _ in range(config.num_experts))
+        self.num_experts = config.num_experts
+        self.dense_in = StackedLinear(config.num_experts, config.hidden_size, config.intermediate_size)
+        self.dense_out = StackedLinear(config.num_experts, config.intermediate_size, config.hidden_size)
+
+    def stacked(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The parameters themselves: dense_in [E, I, H] and [E, I], dense_out [E, H, I] and [E, H]."""
+        return self.dense_in.weight, self.dense_in.bias, self.dense_out.weight, self.dense_out.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Also takes the experts under their per-expert names (`deepspeed_experts.{e}.dense_in.weight`, ...: the
+        files, DeepSpeed's state dicts), stacked here into the parameters' names when every expert is there."""
+        for name in EXPERT_TENSORS:
+            keys = [f"{prefix}deepspeed_experts.{e}.{name}" for e in range(self.num_experts)]
+            if all(key in state_dict for key in keys):
+                state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, rows: Tensor, group: Tensor, counts: Tensor) -> Tensor:
         """rows [S, H] sorted by `group` [S] (the expert, or E for a token no expert runs), `counts[e]` of them
@@ -180,26 +221,27 @@ class Experts(nn.Module):
         With `torch._grouped_mm` no shape depends on the routing, so nothing is read back to the host; without
         it (e.g. CUDA before sm90, or fp32 on CUDA) the rows go through a capacity-padded product, or one
         product per expert where padding would more than double the work, both sized on the host."""
-        num_experts = len(self.deepspeed_experts)
+        num_experts = self.num_experts
         routed = (group < num_experts).unsqueeze(1)
         compute_dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) \
             else rows.dtype
         if grouped_mm_supported(rows.device, compute_dtype):
             rows = torch.where(routed, rows, 0).to(compute_dtype)  # where: no gradient into rows no expert runs
-            weights = (w.to(compute_dtype) for w in stacked_experts(self.deepspeed_experts))
+            weights = (w.to(compute_dtype) for w in self.stacked())  # no copy but autocast's cast
             out = grouped_expert_ffn(rows, group, counts, *weights)
             return torch.where(routed, out, 0)
         kept = int(counts.sum())  # the host reads of this path
         sizes, rows = counts.tolist(), rows[:kept]
         capacity = max(sizes)
         if num_experts * capacity > 2 * kept:  # padding would more than double the work
-            chunks = rows.split(sizes)
-            out = torch.cat([ffn(chunk) for ffn, chunk in zip(self.deepspeed_experts, chunks)])
+            # unbind: views, whose backward is one stack (indexing would zero-fill a whole gradient per expert)
+            experts = zip(rows.split(sizes), *(w.unbind() for w in self.stacked()))
+            out = torch.cat([expert_ffn(chunk, *weights) for chunk, *weights in experts])
         else:
             owner = group[:kept]
             slot = torch.arange(kept, device=rows.device) - (counts.cumsum(0) - counts)[owner]
             padded = rows.new_zeros(num_experts, capacity, rows.shape[1]).index_put((owner, slot), rows)
-            out = batched_expert_ffn(padded, *stacked_experts(self.deepspeed_experts))[owner, slot]
+            out = batched_expert_ffn(padded, *self.stacked())[owner, slot]
         return torch.cat([out, out.new_zeros(len(group) - kept, out.shape[1])])
 
 
@@ -378,6 +420,16 @@ class MoEBertLayers:
         """The module that becomes `output.dense` in an MoE layer (the training class returns DeepSpeed's)."""
         return MoEFeedForward(config)
 
+    def initialize_weights(self) -> None:
+        """HF's initialisation, then the stacked experts' as BERT's Linears': normal(0, initializer_range) weights,
+        zero biases. Not in `_init_weights`: HF initialises the encoder's modules with `BertModel`'s, which knows
+        nothing of them. Weights loaded from a file keep their values (`transformers.initialization` skips them)."""
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, StackedLinear):
+                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+                init.zeros_(module.bias)
+
     def moe_blocks(self) -> dict[int, nn.Module]:
         return {i: self.bert.encoder.layer[i].output.dense for i in self.config.moe_layers}
 
@@ -421,6 +473,16 @@ class MoEBertForSequenceClassification(MoEBertLayers, BertForSequenceClassificat
     set `config.balance_weight` (0: off) to fine-tune with another weight than pre-training's."""
 
     output_class = MoESequenceClassifierOutput
+
+
+# How transformers maps the files' per-expert names onto the stacked parameters of the `moe_bert` classes (also
+# when this file runs as remote code): `from_pretrained` stacks expert e's tensor at index e and `save_pretrained`
+# splits them back, as it loads Mixtral's per-expert checkpoints into 3D expert weights. Registered on import:
+# transformers takes a conversion from its registry only (by class name or model type), none from a model class.
+register_checkpoint_conversion_mapping(MoEBertConfig.model_type, [
+    WeightConverter(f"experts.deepspeed_experts.*.{name}", f"experts.{name}", operations=[MergeModulelist(dim=0)])
+    for name in EXPERT_TENSORS
+], overwrite=True)
 
 
 def register_auto_classes() -> None:
