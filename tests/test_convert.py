@@ -21,14 +21,13 @@ from tcd_ds.models.modeling_moe_bert import MoEBertForMaskedLM
 from tcd_ds.resources import PRESETS
 from tcd_ds.rundir import Checkpoint, CheckpointError, locate_checkpoint
 
-STUDENT, TEACHER = PRESETS / "student_tiny_moe.yaml", PRESETS / "teacher_tiny.yaml"
+STUDENT = PRESETS / "student_tiny_moe.yaml"
 # Eval capacity factor = num_experts: capacity = every token of a micro-batch, so no expert can overflow and
 # DeepSpeed's random choice of dropped tokens cannot enter the round trip (test_convert_routing.py covers drops).
 NO_DROPS = "--model.moe.eval_capacity_factor=4.0"
-RUNS = {
+RUNS = {  # the students; the teacher is the session's (conftest.py)
     "student_ep2": (STUDENT, NO_DROPS),  # 2 ranks, 2 experts per rank
     "student_ep1": (STUDENT, NO_DROPS, "--model.moe.ep_size=1"),  # every expert on both ranks, ZeRO-split
-    "teacher": (TEACHER, "--checkpoint.every=2"),  # tags step_2 and step_4
     "student_e64": (STUDENT, "--model.moe.num_experts=64", "--model.moe.eval_capacity_factor=64.0"),  # 32 per rank
 }
 EXPERT_KEY = "bert.encoder.layer.{layer}.output.dense.deepspeed_moe.experts.deepspeed_experts.{expert}.dense_in.weight"
@@ -41,9 +40,11 @@ def tiny_run(spec: Path, run_dir: Path, cache_dir: Path, *overrides: str) -> Pat
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
+def runs(tmp_path_factory, cache_dir, teacher_run) -> dict[str, Path]:
+    """The students of RUNS, and the session's teacher (12 steps; checkpoints step_8 and step_12 kept)."""
     root = tmp_path_factory.mktemp("runs")
-    return {name: tiny_run(spec, root / name, cache_dir, *extra) for name, (spec, *extra) in RUNS.items()}
+    students = {name: tiny_run(spec, root / name, cache_dir, *extra) for name, (spec, *extra) in RUNS.items()}
+    return {**students, "teacher": teacher_run}
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +67,7 @@ def converted(runs, tmp_path_factory) -> dict[str, Path]:
     proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", str(runs["teacher"]), str(root / "teacher")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and f"wrote {root / 'teacher'}" in proc.stdout, proc.stderr[-4000:]
-    students = [name for name in RUNS if name.startswith("student")]
-    return {"teacher": root / "teacher", **{n: convert(runs[n], root / n) for n in students}}
+    return {"teacher": root / "teacher", **{n: convert(runs[n], root / n) for n in RUNS}}
 
 
 def cli(*args: str) -> int:
@@ -80,7 +80,7 @@ def eval_logits(model, result: dict) -> torch.Tensor:
         return model(input_ids=result["input_ids"], attention_mask=result["attention_mask"]).logits
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [*RUNS, "teacher"])
 def test_converted_logits_equal_the_deepspeed_engines(name, converted, engine_logits):
     model_class = BertForMaskedLM if name == "teacher" else MoEBertForMaskedLM
     model = model_class.from_pretrained(converted[name]).eval()
@@ -170,20 +170,20 @@ def test_model_card_names_run_step_and_spec(converted, runs):
 
 def test_tag_picks_the_checkpoint_from_any_input_form(runs, tmp_path):
     run = runs["teacher"]
-    latest = Checkpoint(run, "step_4")
+    latest = Checkpoint(run, "step_12")
     assert locate_checkpoint(run, None) == locate_checkpoint(run / "checkpoints", None) == latest
-    assert locate_checkpoint(run / "checkpoints" / "step_4", None) == latest
-    assert locate_checkpoint(run / "checkpoints", "step_2") == Checkpoint(run, "step_2")
+    assert locate_checkpoint(run / "checkpoints" / "step_12", None) == latest
+    assert locate_checkpoint(run / "checkpoints", "step_8") == Checkpoint(run, "step_8")
     with pytest.raises(CheckpointError, match="disagrees"):
-        locate_checkpoint(run / "checkpoints" / "step_4", "step_2")
+        locate_checkpoint(run / "checkpoints" / "step_12", "step_8")
 
-    convert(run / "checkpoints", tmp_path / "step_2", tag="step_2")
-    weights = load_file(tmp_path / "step_2" / "model.safetensors")
-    for tag, same in (("step_2", True), ("step_4", False)):
+    convert(run / "checkpoints", tmp_path / "step_8", tag="step_8")
+    weights = load_file(tmp_path / "step_8" / "model.safetensors")
+    for tag, same in (("step_8", True), ("step_12", False)):
         module = torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=True)["module"]
         key = "bert.encoder.layer.1.output.dense.weight"
         assert torch.equal(weights[key], module[key]) == same
-    assert "`step_2` (step 2 of 4)" in (tmp_path / "step_2" / "README.md").read_text()
+    assert "`step_8` (step 8 of 12)" in (tmp_path / "step_8" / "README.md").read_text()
 
 
 def test_bf16_run_converts_to_its_fp32_master_weights(tmp_path_factory, cache_dir):
@@ -232,7 +232,7 @@ def test_a_damaged_checkpoint_fails_naming_the_file_and_writes_nothing(damage, r
 def test_unknown_tag_fails_naming_it_and_the_saved_tags(runs, tmp_path, capsys):
     assert cli(runs["teacher"], tmp_path / "out", "--tag", "step_9") == 2
     err = capsys.readouterr().err
-    assert "step_9" in err and "['step_2', 'step_4']" in err
+    assert "step_9" in err and "['step_8', 'step_12']" in err
     assert not (tmp_path / "out").exists()
 
 

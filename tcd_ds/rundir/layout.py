@@ -256,7 +256,7 @@ def locate_checkpoint(path: str | Path, tag: str | None, verify_contents: bool =
         raise CheckpointError(f"no checkpoint in {run.checkpoints}: {run.checkpoints / 'latest'} not found (name a tag)")
     ckpt = Checkpoint(run_dir, tag)
     if not ckpt.dir.is_dir():
-        saved = sorted(p.name for p in run.checkpoints.iterdir() if p.is_dir()) if run.checkpoints.is_dir() else []
+        saved = [tag_for(step) for step in run.steps()]  # in step order
         raise CheckpointError(f"unknown tag {tag!r}: {ckpt.dir} does not exist (saved tags: {saved or 'none'})")
     problem = ckpt.problem(verify_contents)
     if problem is not None:
