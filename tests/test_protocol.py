@@ -33,8 +33,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def given_runs(teacher_run: Path, moe_run: Path, tcd_run: Path, cache_dir: Path) -> list[str]:
-    return [*(f"--{name}.{key}" for name, run in (("teacher", teacher_run), ("moe", moe_run), ("tcd", tcd_run))
-              for key in ("spec=null", f"run={run}")), f"--probe.cache_dir={cache_dir}"]
+    """Every pre-training given as an existing run: `--ROW.spec=null --ROW.run=DIR`."""
+    runs = {"teacher": teacher_run, "moe": moe_run, "tcd": tcd_run}
+    return [*(arg for row, run in runs.items() for arg in (f"--{row}.spec=null", f"--{row}.run={run}")),
+            f"--probe.cache_dir={cache_dir}"]
 
 
 STRENGTH = 8  # a checkpoint of the given teacher run (12 steps, checkpoints 8 and 12 kept): the row tcd@8
