@@ -27,9 +27,10 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tcd_ds.models.modeling_moe_bert import batched_expert_ffn
+from tcd_ds.models.modeling_moe_bert import batched_expert_ffn, group_alignment
 
 
 def unpack_experts(weight: Tensor, bias: Tensor, hidden_size: int, intermediate_size: int) -> dict[str, Tensor]:
@@ -86,8 +87,14 @@ class BatchedExperts(nn.Module):
         b_in, b_out = SplitRows.apply(self.bias, i, (i,), (h,))
         return w_in, b_in, w_out, b_out
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        """inputs [ep_size, L, capacity, H] as `MOELayer` passes them -> the experts' outputs, same shape."""
+    def forward(self, inputs: Tensor, filled: Tensor | None = None) -> Tensor:
+        """inputs [ep_size, L, capacity, H] as `MOELayer` passes them -> the experts' outputs, same shape.
+
+        With `filled` [ep_size, L] (as `RoutedRowsMOELayer` passes it: block (g, j) holds tokens in its first
+        `filled[g, j]` rows only), only those rows are computed (`filled_rows_ffn`) and the others are 0; without
+        it every capacity slot is, padding included, in one batched product."""
+        if filled is not None:
+            return filled_rows_ffn(inputs, filled, *self.projections())
         groups, local, capacity, hidden = inputs.shape
         rows = inputs.transpose(0, 1).reshape(local, groups * capacity, hidden)
         out = batched_expert_ffn(rows, *self.projections())
@@ -116,6 +123,37 @@ class BatchedExperts(nn.Module):
                     target.copy_(state_dict[key])
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in targets)
+
+
+def filled_rows_ffn(inputs: Tensor, filled: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
+                    b_out: Tensor) -> Tensor:
+    """Each block's filled rows through its expert, the other rows 0: inputs [G, L, C, H] and filled [G, L] ->
+    [G, L, C, H]. The capacity padding costs no product: the filled rows are moved expert by expert into a buffer
+    (each expert's rows starting at a multiple of the kernels' alignment, as `grouped_expert_ffn` lays out the
+    converted model's) and `torch._grouped_mm` computes the groups' rows only. The buffer's size is fixed by the
+    shapes (G * L * C rows plus the alignment), so nothing is read back to the host; the empty rows are parked
+    after the last group, where no product reads them."""
+    groups, local, capacity, hidden = inputs.shape
+    slot = torch.arange(capacity, device=inputs.device)
+    is_filled = (slot < filled.unsqueeze(-1)).unsqueeze(-1)  # [G, L, C, 1]
+    align = group_alignment(inputs.dtype)
+    padded = (filled.sum(0) + align - 1) // align * align  # each expert's rows over all source blocks, aligned
+    ends = padded.cumsum(0)
+    earlier = filled.cumsum(0) - filled  # the expert's rows from the blocks of earlier source ranks
+    to_group = (ends - padded).unsqueeze(-1) + earlier.unsqueeze(-1) + slot  # [G, L, C]
+    to_tail = ends[-1] + (~is_filled).flatten().cumsum(0) - 1  # the empty rows, one each, after the last group
+    destination = torch.where(is_filled.squeeze(-1), to_group, to_tail.view(groups, local, capacity)).flatten()
+    buffer_rows = groups * local * capacity + local * (align - 1)
+    rows = torch.where(is_filled, inputs, 0).reshape(-1, hidden)  # where: no gradient into the empty rows
+    buffer = rows.new_zeros(buffer_rows, hidden).index_copy(0, destination, rows)
+    offs = ends.to(torch.int32)
+    position = torch.arange(buffer_rows, device=inputs.device, dtype=torch.int32)
+    owner = torch.searchsorted(offs, position, right=True).clamp(max=local - 1)
+    in_group = (position < offs[-1]).unsqueeze(1)  # where: rows past the groups, whose gradients the kernels
+    h = F.gelu(torch._grouped_mm(buffer, w_in.transpose(1, 2), offs=offs) + torch.where(in_group, b_in[owner], 0))
+    out = torch._grouped_mm(h, w_out.transpose(1, 2), offs=offs)  # leave undefined, pass none to the biases
+    out = (out + torch.where(in_group, b_out[owner], 0))[destination]
+    return torch.where(is_filled, out.view(groups, local, capacity, hidden), 0)
 
 
 def named_tensors(model: nn.Module, grads: bool = False) -> dict[str, Tensor]:
