@@ -128,32 +128,37 @@ class BatchedExperts(nn.Module):
 def filled_rows_ffn(inputs: Tensor, filled: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
                     b_out: Tensor) -> Tensor:
     """Each block's filled rows through its expert, the other rows 0: inputs [G, L, C, H] and filled [G, L] ->
-    [G, L, C, H]. The capacity padding costs no product: the filled rows are moved expert by expert into a buffer
-    (each expert's rows starting at a multiple of the kernels' alignment, as `grouped_expert_ffn` lays out the
-    converted model's) and `torch._grouped_mm` computes the groups' rows only. The buffer's size is fixed by the
-    shapes (G * L * C rows plus the alignment), so nothing is read back to the host; the empty rows are parked
-    after the last group, where no product reads them."""
+    [G, L, C, H]. The capacity padding costs no product: the filled rows are gathered expert by expert into a
+    buffer (each expert's rows starting at a multiple of the kernels' alignment, as `grouped_expert_ffn` lays out
+    the converted model's) and `torch._grouped_mm` computes the groups' rows only. The buffer's size is fixed by
+    the shapes (G * L * C rows plus the alignment), so nothing is read back to the host.
+
+    The kernels leave the rows past the last group undefined (NaN, say) in the products and their gradients, so
+    those rows meet a zero row in every gather (rows, biases, outputs), whose gradient is dropped: multiplying by
+    a mask would let a NaN through."""
     groups, local, capacity, hidden = inputs.shape
-    slot = torch.arange(capacity, device=inputs.device)
-    is_filled = (slot < filled.unsqueeze(-1)).unsqueeze(-1)  # [G, L, C, 1]
     align = group_alignment(inputs.dtype)
+    flat, device = groups * local * capacity, inputs.device
+    buffer_rows = flat + local * (align - 1)
+    slot = torch.arange(capacity, device=device)
+    is_filled = slot < filled.unsqueeze(-1)  # [G, L, C]
     padded = (filled.sum(0) + align - 1) // align * align  # each expert's rows over all source blocks, aligned
     ends = padded.cumsum(0)
     earlier = filled.cumsum(0) - filled  # the expert's rows from the blocks of earlier source ranks
-    to_group = (ends - padded).unsqueeze(-1) + earlier.unsqueeze(-1) + slot  # [G, L, C]
-    to_tail = ends[-1] + (~is_filled).flatten().cumsum(0) - 1  # the empty rows, one each, after the last group
-    destination = torch.where(is_filled.squeeze(-1), to_group, to_tail.view(groups, local, capacity)).flatten()
-    buffer_rows = groups * local * capacity + local * (align - 1)
-    rows = torch.where(is_filled, inputs, 0).reshape(-1, hidden)  # where: no gradient into the empty rows
-    buffer = rows.new_zeros(buffer_rows, hidden).index_copy(0, destination, rows)
+    to_group = (ends - padded).unsqueeze(-1) + earlier.unsqueeze(-1) + slot
+    destination = torch.where(is_filled, to_group, buffer_rows).flatten()  # an empty row: the zero row
+    rows = torch.cat([inputs.reshape(flat, hidden), inputs.new_zeros(1, hidden)])
+    source = torch.full((buffer_rows + 1,), flat, device=device).scatter_(  # buffer row -> its row, or the zero
+        0, destination, torch.arange(flat, device=device))[:buffer_rows]  # row (alignment, past the groups)
     offs = ends.to(torch.int32)
-    position = torch.arange(buffer_rows, device=inputs.device, dtype=torch.int32)
-    owner = torch.searchsorted(offs, position, right=True).clamp(max=local - 1)
-    in_group = (position < offs[-1]).unsqueeze(1)  # where: rows past the groups, whose gradients the kernels
-    h = F.gelu(torch._grouped_mm(buffer, w_in.transpose(1, 2), offs=offs) + torch.where(in_group, b_in[owner], 0))
-    out = torch._grouped_mm(h, w_out.transpose(1, 2), offs=offs)  # leave undefined, pass none to the biases
-    out = (out + torch.where(in_group, b_out[owner], 0))[destination]
-    return torch.where(is_filled, out.view(groups, local, capacity, hidden), 0)
+    position = torch.arange(buffer_rows, device=device, dtype=torch.int32)
+    owner = torch.searchsorted(offs, position, right=True)  # L past the groups: the zero bias row
+    b_in, b_out = (torch.cat([b, b.new_zeros(1, b.shape[1])]) for b in (b_in, b_out))
+    h = torch._grouped_mm(rows.index_select(0, source), w_in.transpose(1, 2), offs=offs)
+    h = F.gelu(h.add_(b_in.index_select(0, owner)))
+    out = torch._grouped_mm(h, w_out.transpose(1, 2), offs=offs).add_(b_out.index_select(0, owner))
+    out = torch.cat([out, out.new_zeros(1, hidden)])
+    return out.index_select(0, destination).view(groups, local, capacity, hidden)
 
 
 def named_tensors(model: nn.Module, grads: bool = False) -> dict[str, Tensor]:
