@@ -90,7 +90,7 @@ class ProductRows(TorchDispatchMode):
 
 
 def routed_and_padded(layer: DeepSpeedMoEFeedForward, x: torch.Tensor, mask: torch.Tensor | None,
-                      seed: int) -> dict[str, dict[str, torch.Tensor]]:
+                      seed: int) -> dict:
     """Output and gradients (input, gate, every expert) of the layer's forward and of DeepSpeed's own
     `MOELayer.forward` on the same module, the same random token selection (seeded), the same output gradient."""
     moe = layer.deepspeed_moe
