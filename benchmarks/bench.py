@@ -8,9 +8,10 @@ dense step against what a user would write (HF `BertForMaskedLM`, `torch.optim.A
 MLM only against the full TCD step, with a per-phase breakdown; achieved model FLOP/s against an fp32
 matrix-product peak measured in the same processes; memory per rank; the relation losses' cost as N grows,
 local against global scope; one rank against `--ranks` ranks at a fixed per-rank batch; a profile of each step.
-`--experts` runs the expert-count comparison alone instead (issues 13, 23: dense, 8 and 64 experts, and 64 with the
-former per-forward copy of the expert weights; the MoE forwards split into gate, dispatch, all-to-all, experts and
-combine; the MoE layers' activation bytes and weight-shaped tensors per micro-batch; OUT/experts.*);
+`--experts` runs the expert-count comparison alone instead (issues 13, 23: dense, 8 and 64 experts, 64 with the
+former per-forward copy of the expert weights, 8 and 64 with the experts on the capacity-padded buffers; the MoE
+forwards split into gate, dispatch, all-to-all, experts and combine; the MoE layers' activation bytes and
+weight-shaped tensors per micro-batch; OUT/experts.*);
 `--micro-batch N` sets the sequences per rank per step (e.g. 64, for 64 x 128 tokens per rank).
 
 Each step is the real one: components are built by `Trainer` from a run spec and stepped by its

@@ -170,8 +170,13 @@ EXPERT_COUNTS = {  # name: (kind, overrides of the preset, label); the dense ste
     "moe64_every": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every"), "64 experts, every layer"),
     "moe64_copy": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every_other"),
                    "64 experts, every other layer, weights copied per forward (before issue 23)"),
+    "moe8_padded": ("moe", ("--model.moe.num_experts=8", "--model.moe.layers=every_other"),
+                    "8 experts, every other layer, experts on the capacity-padded buffers (before)"),
+    "moe64_padded": ("moe", ("--model.moe.num_experts=64", "--model.moe.layers=every_other"),
+                     "64 experts, every other layer, experts on the capacity-padded buffers (before)"),
 }
 WEIGHT_COPY = {"moe64_copy"}  # built with `with_weight_copy`
+PADDED = {"moe8_padded", "moe64_padded"}  # built with `with_padded_experts`
 
 
 class CopiedProjections:
@@ -193,16 +198,30 @@ def with_weight_copy(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def with_padded_experts(model: torch.nn.Module) -> torch.nn.Module:
+    """DeepSpeed's own `MOELayer.forward` in every MoE layer: the experts compute every capacity slot, as before
+    `RoutedRowsMOELayer` (tcd_ds/models/deepspeed_moe.py); the same routing, parameters and step."""
+    from deepspeed.moe.sharded_moe import MOELayer
+
+    for block in model.moe_blocks().values():
+        block.deepspeed_moe.__class__ = MOELayer
+    return model
+
+
 def expert_stepper(builds: Builds, name: str) -> Stepper:
     kind, overrides, _ = EXPERT_COUNTS[name]
-    if name in WEIGHT_COPY and name not in builds.trainers:
-        with_weight_copy(builds.trainer(kind, name, overrides).model)
+    if name not in builds.trainers:
+        if name in WEIGHT_COPY:
+            with_weight_copy(builds.trainer(kind, name, overrides).model)
+        elif name in PADDED:
+            with_padded_experts(builds.trainer(kind, name, overrides).model)
     return builds.stepper(kind, name, overrides)
 
 
 def experts(builds: Builds) -> dict[str, Callable[[], Stepper]]:
     """The expert-count comparison (issues 13, 23): dense against the MoE student (MLM only) at 8 and 64 experts,
-    and 64 experts with the former per-forward weight copy, on the same shapes and batches."""
+    64 experts with the former per-forward weight copy, and 8 and 64 experts with the former capacity-padded
+    experts, on the same shapes and batches."""
     return {name: partial(expert_stepper, builds, name) for name in EXPERT_COUNTS}
 
 
@@ -211,10 +230,11 @@ MOE_PARTS = ("gate", "dispatch", "all-to-all", "experts", "combine")
 
 def moe_split(trainer: Trainer, batches: list[list[Batch]], steps: int) -> dict[str, dict[str, float]]:
     """Seconds per step of the MoE layers' forwards, split into DeepSpeed's stages: the gate, the dispatch
-    (the one-hot einsum into capacity slots), the two all-to-alls, the experts and the combine (back to token
-    order, scaled by the gate). Each stage timed by hooks on the gate and experts modules and around
-    `_AllToAll.forward`; dispatch = gate end -> first all-to-all (or experts) start, combine = the rest of the
-    layer after the experts' (or second all-to-all's) end. Backward is not split (it is in the step's phases)."""
+    (the gather into capacity slots), the all-to-alls (the tokens' both ways and, with `RoutedRowsMOELayer`, the
+    kept counts'), the experts and the combine (back to token order, scaled by the gate). Each stage timed by
+    hooks on the gate and experts modules and around `_AllToAll.forward`; dispatch = gate end -> first all-to-all
+    (or experts) start, combine = the rest of the layer after the experts' (or last all-to-all's) end. Backward
+    is not split (it is in the step's phases)."""
     from deepspeed.moe import sharded_moe
 
     marks: list[tuple[str, str, tuple[float, float]]] = []

@@ -27,9 +27,10 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tcd_ds.models.modeling_moe_bert import batched_expert_ffn
+from tcd_ds.models.modeling_moe_bert import batched_expert_ffn, group_alignment
 
 
 def unpack_experts(weight: Tensor, bias: Tensor, hidden_size: int, intermediate_size: int) -> dict[str, Tensor]:
@@ -86,8 +87,14 @@ class BatchedExperts(nn.Module):
         b_in, b_out = SplitRows.apply(self.bias, i, (i,), (h,))
         return w_in, b_in, w_out, b_out
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        """inputs [ep_size, L, capacity, H] as `MOELayer` passes them -> the experts' outputs, same shape."""
+    def forward(self, inputs: Tensor, filled: Tensor | None = None) -> Tensor:
+        """inputs [ep_size, L, capacity, H] as `MOELayer` passes them -> the experts' outputs, same shape.
+
+        With `filled` [ep_size, L] (as `RoutedRowsMOELayer` passes it: block (g, j) holds tokens in its first
+        `filled[g, j]` rows only), only those rows are computed (`filled_rows_ffn`) and the others are 0; without
+        it every capacity slot is, padding included, in one batched product."""
+        if filled is not None:
+            return filled_rows_ffn(inputs, filled, *self.projections())
         groups, local, capacity, hidden = inputs.shape
         rows = inputs.transpose(0, 1).reshape(local, groups * capacity, hidden)
         out = batched_expert_ffn(rows, *self.projections())
@@ -116,6 +123,42 @@ class BatchedExperts(nn.Module):
                     target.copy_(state_dict[key])
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in targets)
+
+
+def filled_rows_ffn(inputs: Tensor, filled: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
+                    b_out: Tensor) -> Tensor:
+    """Each block's filled rows through its expert, the other rows 0: inputs [G, L, C, H] and filled [G, L] ->
+    [G, L, C, H]. The capacity padding costs no product: the filled rows are gathered expert by expert into a
+    buffer (each expert's rows starting at a multiple of the kernels' alignment, as `grouped_expert_ffn` lays out
+    the converted model's) and `torch._grouped_mm` computes the groups' rows only. The buffer's size is fixed by
+    the shapes (G * L * C rows plus the alignment), so nothing is read back to the host.
+
+    The kernels leave the rows past the last group undefined (NaN, say) in the products and their gradients, so
+    those rows meet a zero row in every gather (rows, biases, outputs), whose gradient is dropped: multiplying by
+    a mask would let a NaN through."""
+    groups, local, capacity, hidden = inputs.shape
+    align = group_alignment(inputs.dtype)
+    flat, device = groups * local * capacity, inputs.device
+    buffer_rows = flat + local * (align - 1)
+    slot = torch.arange(capacity, device=device)
+    is_filled = slot < filled.unsqueeze(-1)  # [G, L, C]
+    padded = (filled.sum(0) + align - 1) // align * align  # each expert's rows over all source blocks, aligned
+    ends = padded.cumsum(0)
+    earlier = filled.cumsum(0) - filled  # the expert's rows from the blocks of earlier source ranks
+    to_group = (ends - padded).unsqueeze(-1) + earlier.unsqueeze(-1) + slot
+    destination = torch.where(is_filled, to_group, buffer_rows).flatten()  # an empty row: the zero row
+    rows = torch.cat([inputs.reshape(flat, hidden), inputs.new_zeros(1, hidden)])
+    source = torch.full((buffer_rows + 1,), flat, device=device).scatter_(  # buffer row -> its row, or the zero
+        0, destination, torch.arange(flat, device=device))[:buffer_rows]  # row (alignment, past the groups)
+    offs = ends.to(torch.int32)
+    position = torch.arange(buffer_rows, device=device, dtype=torch.int32)
+    owner = torch.searchsorted(offs, position, right=True)  # L past the groups: the zero bias row
+    b_in, b_out = (torch.cat([b, b.new_zeros(1, b.shape[1])]) for b in (b_in, b_out))
+    h = torch._grouped_mm(rows.index_select(0, source), w_in.transpose(1, 2), offs=offs)
+    h = F.gelu(h.add_(b_in.index_select(0, owner)))
+    out = torch._grouped_mm(h, w_out.transpose(1, 2), offs=offs).add_(b_out.index_select(0, owner))
+    out = torch.cat([out, out.new_zeros(1, hidden)])
+    return out.index_select(0, destination).view(groups, local, capacity, hidden)
 
 
 def named_tensors(model: nn.Module, grads: bool = False) -> dict[str, Tensor]:

@@ -30,12 +30,17 @@ import numpy as np
 
 import torch
 import torch.nn.functional as F
+from deepspeed.moe import sharded_moe
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TopKGate
+from deepspeed.moe.sharded_moe import MOELayer, TopKGate
+from deepspeed.utils import groups
+from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 from torch import Tensor
 
 from tcd_ds.models.batched_experts import BatchedExperts
-from tcd_ds.models.modeling_moe_bert import ExpertFFN, MoEBertConfig, MoEBertForMaskedLM, kl_uniform_balance_loss
+from tcd_ds.models.modeling_moe_bert import (
+    ExpertFFN, MoEBertConfig, MoEBertForMaskedLM, grouped_mm_supported, kl_uniform_balance_loss,
+)
 
 
 def drop_capacity(tokens: int, experts: int, capacity_factor: float, min_capacity: int) -> int:
@@ -51,6 +56,52 @@ class FP32TopKGate(TopKGate):
     def forward(self, input: Tensor, *args, **kwargs):
         with torch.autocast(input.device.type, enabled=False):
             return super().forward(input, *args, **kwargs)
+
+
+class RoutedRowsMOELayer(MOELayer):
+    """DeepSpeed's MoE layer whose experts compute the kept tokens only, not the whole capacity-padded buffers
+    (experts x capacity rows: 1.25x the tokens at capacity factor 1.25, empty slots included). The gate, the
+    dispatch into capacity slots and the combine are DeepSpeed's own calls: which tokens are kept or dropped,
+    and where each goes, do not change.
+
+    `forward` is `MOELayer.forward` of DeepSpeed 0.19.8 (deepspeed/moe/sharded_moe.py) for top-1 routing with
+    token drops, without its Tutel, tensor-parallel and wall-clock-timer branches. What differs:
+    - the capacity comes from the shapes (`drop_capacity`), not from `int()` of the gate's tensor (a host read);
+    - each expert's count of kept tokens on this rank travels to the expert's rank by an all-to-all beside the
+      tokens', and the experts get the counts of each (source rank, local expert) block, whose tokens fill its
+      first slots (the gate's locations are a running count): `BatchedExperts.forward(inputs, filled)`.
+    DeepSpeed's forward runs unchanged where this one does not apply (`uses_filled_rows`)."""
+
+    def forward(self, hidden_states: Tensor, used_token: Tensor | None = None) -> Tensor:
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if not self.uses_filled_rows(tokens):
+            return super().forward(hidden_states, used_token)
+        self.l_aux, _, num_experts, indices, locations, gates, self.exp_counts = self.gate(tokens, used_token, True)
+        gate = self.gate
+        factor = gate.capacity_factor if self.training else gate.eval_capacity_factor
+        capacity = drop_capacity(tokens.shape[0], num_experts, factor, gate.min_capacity)
+        slots = sharded_moe._route_slots(indices, locations, num_experts, capacity)
+        dispatched = sharded_moe._sparse_encode(tokens, slots, num_experts, capacity)
+        expert = torch.where(indices >= 0, indices, num_experts).long().flatten()  # E: dropped, or padding
+        kept = torch.zeros(num_experts + 1, dtype=torch.long, device=tokens.device).index_add_(
+            0, expert, torch.ones_like(expert))[:num_experts]
+        if self.ep_size > 1:
+            kept = sharded_moe._AllToAll.apply(self.ep_group, kept)  # [E] -> [source rank, local expert]
+            dispatched = sharded_moe._AllToAll.apply(self.ep_group, dispatched)
+        blocks = (self.ep_size, self.num_local_experts)
+        out = self.experts(dispatched.view(*blocks, capacity, -1), kept.view(blocks))
+        out = out.reshape(num_experts * capacity, -1)
+        if self.ep_size > 1:
+            out = sharded_moe._AllToAll.apply(self.ep_group, out)
+        return sharded_moe._sparse_decode(out, slots, gates, tokens.shape[0]).reshape(hidden_states.shape)
+
+    def uses_filled_rows(self, tokens: Tensor) -> bool:
+        """Top-1 with token drops (else the capacity is a collective maximum, known on the host only by reading
+        it), none of the branches left out, no autocast, and `torch._grouped_mm` for the tokens' dtype."""
+        device = tokens.device
+        return (self.gate.k == 1 and self.gate.drop_tokens and not self.use_tutel and not self.wall_clock_breakdown
+                and bwc_tensor_model_parallel_world_size(groups.mpu) == 1
+                and not torch.is_autocast_enabled(device.type) and grouped_mm_supported(device, tokens.dtype))
 
 
 class DeepSpeedMoEFeedForward(MoE):
@@ -81,6 +132,7 @@ class DeepSpeedMoEFeedForward(MoE):
             self.num_local_experts, config.hidden_size, config.intermediate_size, self.expert_group_name,
             config.initializer_range)
         self.deepspeed_moe.gate.__class__ = FP32TopKGate  # the same module and weights, routed in fp32
+        self.deepspeed_moe.__class__ = RoutedRowsMOELayer  # the same module, experts on the routed tokens only
         if config.balance_loss not in ("switch", "kl_uniform"):
             raise ValueError(f"unknown balance_loss {config.balance_loss!r}: use 'switch' or 'kl_uniform'")
         self.balance_kind = config.balance_loss
