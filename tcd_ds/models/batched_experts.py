@@ -3,7 +3,9 @@
 DeepSpeed's `Experts` (deepspeed/moe/experts.py) holds one `ExpertFFN` per local expert and runs them in a
 Python loop; stacking their weights for one batched product copied every expert's weights in each forward
 and kept the copy for backward (~0.6 GB per MoE layer at BERT-base with 64 local experts). Here the weights
-live stacked, so each projection is one `baddbmm` over views of the parameters, nothing copied:
+live stacked, so each projection is one product over views of the parameters, nothing copied: a
+`torch._grouped_mm` over the kept tokens only (`filled_rows_ffn`, given each block's count by
+`RoutedRowsMOELayer`), else one `baddbmm` over the capacity-padded buffers:
 
     weight [local experts, I*H + H*I]: row j = dense_in.weight (I x H) then dense_out.weight (H x I), flattened
     bias   [local experts, I + H]:     row j = dense_in.bias then dense_out.bias
