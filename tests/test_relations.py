@@ -147,6 +147,18 @@ def reference_run(positions, spec=None, teacher_hidden=HIDDEN):
     return losses, total, {name: p.grad for name, p in student.named_parameters() if p.grad is not None}
 
 
+def assert_matches_reference(losses: dict, total, student, ref_losses: dict, ref_total, ref_grads: dict) -> None:
+    """Each loss, the total and every student gradient equal the naive computation's."""
+    assert losses.keys() == ref_losses.keys()
+    for name in losses:
+        torch.testing.assert_close(losses[name], ref_losses[name], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(total, ref_total, rtol=1e-10, atol=1e-12)
+    grads = {name: p.grad for name, p in student.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize("scope", ["local", "global"])  # global without a process group is one rank
 def test_distiller_matches_reference_on_one_rank(scope):
     student, teacher = tiny_bert(0), tiny_bert(1).requires_grad_(False)
@@ -158,14 +170,8 @@ def test_distiller_matches_reference_on_one_rank(scope):
     positions = sample_positions(attention_mask, 10, torch.Generator().manual_seed(5))
     ref_losses, ref_total, ref_grads = reference_run(positions)
 
-    assert losses.keys() == ref_losses.keys() == {"trunk", "residual_inner", "attention"}
-    for name in losses:
-        torch.testing.assert_close(losses[name], ref_losses[name], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(total, ref_total, rtol=1e-10, atol=1e-12)
-    grads = {name: p.grad for name, p in student.named_parameters() if p.grad is not None}
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-12)
+    assert losses.keys() == {"trunk", "residual_inner", "attention"}
+    assert_matches_reference(losses, total, student, ref_losses, ref_total, ref_grads)
 
 
 @pytest.mark.parametrize("attention", [False, True])
@@ -182,15 +188,9 @@ def test_a_teacher_half_the_students_width_matches_the_reference(attention):
     positions = sample_positions(attention_mask, 10, torch.Generator().manual_seed(5))
     ref_losses, ref_total, ref_grads = reference_run(positions, spec, teacher_hidden=HIDDEN // 2)
 
-    assert losses.keys() == ref_losses.keys() == {"trunk", "residual_inner", *(["attention"] if attention else [])}
-    for name in losses:
-        assert losses[name] > 0
-        torch.testing.assert_close(losses[name], ref_losses[name], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(total, ref_total, rtol=1e-10, atol=1e-12)
-    grads = {name: p.grad for name, p in student.named_parameters() if p.grad is not None}
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-12)
+    assert losses.keys() == {"trunk", "residual_inner", *(["attention"] if attention else [])}
+    assert all(loss > 0 for loss in losses.values())
+    assert_matches_reference(losses, total, student, ref_losses, ref_total, ref_grads)
 
 
 def test_disabled_locations_give_no_loss():
