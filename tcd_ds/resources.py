@@ -49,12 +49,13 @@ def bundled_tasks() -> dict[str, Path]:
 
 
 def find_file(name_or_path: str | Path, kind: str) -> Path:
-    """An existing path as it is, else the shipped file of that kind with that name; FileNotFoundError names
-    both possibilities (and the shipped names)."""
+    """An existing file as it is, else the shipped file of that kind with that name (a directory named like one,
+    such as a run directory `demo/`, does not hide it); FileNotFoundError names both possibilities (and the
+    shipped names)."""
     path = Path(bundled_path(str(name_or_path)))
-    if path.exists():
-        return path
     known = shipped(kind)
+    if path.is_file() or (path.exists() and str(name_or_path) not in known):
+        return path
     if str(name_or_path) in known:
         return known[str(name_or_path)]
     raise FileNotFoundError(f"{name_or_path}: no such file, nor a shipped {kind} ({', '.join(known)})")

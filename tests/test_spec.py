@@ -4,13 +4,14 @@ written out by hand."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO
 from tcd_ds.checks import check_files, check_spec
-from tcd_ds.resources import BUNDLED, PRESETS
+from tcd_ds.resources import BUNDLED, PRESETS, find_file
 from tcd_ds.spec import SpecError, load_spec
 from tcd_ds.train.ds_config import deepspeed_config
 
@@ -169,3 +170,17 @@ def test_a_bundled_file_is_recorded_by_name_and_read_back_as_this_installations_
     assert recorded["validation"] == ["bundled:wiki/validation.txt", str(tmp_path)]  # other paths as given
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     assert load_spec(tmp_path / "spec.yaml", []) == spec
+
+
+def test_a_directory_named_like_a_shipped_file_does_not_hide_it(tmp_path, monkeypatch):
+    """`tcd-ds reproduce` (preset `demo`) where a run directory `demo/` sits: the shipped preset, not the folder;
+    a file of that name does win, and a directory of any other name is passed on (its command refuses it)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo", "teacher_tiny", "mine"):
+        (tmp_path / name).mkdir()
+    assert find_file("demo", "preset") == PRESETS / "protocol_demo.yaml"
+    assert find_file("teacher_tiny", "spec") == PRESETS / "teacher_tiny.yaml"
+    assert find_file("mine", "spec") == Path("mine")
+    (tmp_path / "demo").rmdir()
+    (tmp_path / "demo").write_text("out_dir: x\n")
+    assert find_file("demo", "preset") == Path("demo")
