@@ -9,11 +9,12 @@ import pytest
 from conftest import REPO
 from tcd_ds.cli import COMMANDS
 from tcd_ds.cli import main as tcd_ds
-from tcd_ds.cli.common import load_command_spec, parse_command_line
+from tcd_ds.cli.common import load_command_spec, parse_command_line, refuse
 from tcd_ds.downstream.spec import FinetuneSettings, FinetuneSpec, ProbeSettings, ProbeSpec
 from tcd_ds.protocol.plan import stages
 from tcd_ds.protocol.preset import Finetuning, Preset, load_preset
 from tcd_ds.resources import PRESETS
+from tcd_ds.spec import SpecError
 
 # A value other than the default for every fine-tuning and probe setting.
 FINETUNE_VALUES = {
@@ -125,3 +126,20 @@ def test_every_command_refuses_a_users_mistake_in_one_line_before_work(argv, mes
     err = capsys.readouterr().err
     assert message.format(d=tmp_path) in err and "Traceback" not in err
     assert not (tmp_path / "tasks").exists() and not (tmp_path / "wiki").exists()
+
+
+def test_a_refusal_reaches_stderr_in_one_write(monkeypatch):
+    """Every rank of a launch refuses alike, onto one shared, unbuffered stderr: written piece by piece (as
+    `print` writes the text, then the newline), two ranks' lines ran into each other."""
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert refuse("invalid run spec x.yaml", SpecError(["model.hidden_size: a", "data.seq_len: b"])) == 2
+    assert writes == ["tcd-ds: invalid run spec x.yaml:\n  model.hidden_size: a\n  data.seq_len: b\n"]

@@ -73,12 +73,17 @@ def refuse(what: str, problem: Exception, prog: str = "tcd-ds") -> int:
     """Print a user's mistake as `prog: invalid WHAT:` and one indented line per problem; the exit status."""
     lines = str(problem).splitlines() or [type(problem).__name__]
     if len(lines) == 1:
-        print(f"{prog}: {what}: {lines[0]}", file=sys.stderr)
+        say(f"{prog}: {what}: {lines[0]}")
     else:
-        print(f"{prog}: {what}:", file=sys.stderr)
-        for line in lines:
-            print(f"  {line.strip()}", file=sys.stderr)
+        say("\n".join([f"{prog}: {what}:", *(f"  {line.strip()}" for line in lines)]))
     return USAGE_ERROR
+
+
+def say(message: str) -> None:
+    """`message` and its newline to stderr in one write: under a launcher every rank's stderr is unbuffered and
+    shared, and `print`'s separate writes of the text and the newline let two ranks' lines run into each other."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def print_schema(model: type[BaseModel]) -> int:

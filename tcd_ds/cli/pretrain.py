@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from tcd_ds.cli.common import parse_command_line, print_schema, refuse, wants_help
+from tcd_ds.cli.common import parse_command_line, print_schema, refuse, say, wants_help
 from tcd_ds.spec import RunSpec, SpecError, dump_spec, load_spec
 
 SINGLE_PROCESS = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         exit_without_teardown(refuse(what, e))
     except FileSystemFault as e:  # every rank raises it; one line per node
         if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"[tcd-ds] {e}", file=sys.stderr)
+            say(f"[tcd-ds] {e}")
         exit_without_teardown(1)
     except NonFiniteTraining as e:
-        print(f"[tcd-ds] {e}", file=sys.stderr)
+        say(f"[tcd-ds] {e}")
         exit_without_teardown(3)
     exit_without_teardown(0)
 
