@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
@@ -67,6 +68,27 @@ def load_command_spec(model: type[BaseModel], line: CommandLine, what: str, posi
     if line.positionals:
         data[positional] = line.positionals[0]
     return validate(model, apply_overrides(data, line.overrides))
+
+
+def start_model_command(argv: list[str], doc: str, spec_class: type[BaseModel], label: str,
+                        check: Callable[[Any], Any], errors: tuple[type[Exception], ...] = ()):
+    """The start the commands on a converted model share (finetune, probe): --help, --print-schema, the spec with
+    the model directory as its positional argument, the directory checked, then `check(spec)` (its inputs).
+    Returns (command line, spec, what `check` returned), or the exit status where the command ends here."""
+    if wants_help(argv, doc):
+        return 0
+    from tcd_ds.checks import check_converted_model
+
+    try:
+        line = parse_command_line(argv, options=("spec",), flags=("dry-run", "print-schema"))
+        if "print-schema" in line.flags:
+            return print_schema(spec_class)
+        spec = load_command_spec(spec_class, line, label, positional="model")
+        check_converted_model(spec.model, "model")
+        checked = check(spec)
+    except (SpecError, ValueError, *errors) as e:
+        return refuse(f"invalid {label}", e)
+    return line, spec, checked
 
 
 def refuse(what: str, problem: Exception, prog: str = "tcd-ds") -> int:

@@ -18,27 +18,19 @@ import json
 import sys
 from pathlib import Path
 
-from tcd_ds.cli.common import load_command_spec, parse_command_line, print_schema, refuse, wants_help
+from tcd_ds.cli.common import start_model_command
 from tcd_ds.downstream.spec import FinetuneSpec
-from tcd_ds.spec import SpecError, dump_spec
+from tcd_ds.spec import dump_spec
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv, __doc__):
-        return 0
     from tcd_ds.downstream.tasks import TaskError, load_task
-    from tcd_ds.checks import check_converted_model
 
-    try:
-        line = parse_command_line(argv, options=("spec",), flags=("dry-run", "print-schema"))
-        if "print-schema" in line.flags:
-            return print_schema(FinetuneSpec)
-        spec = load_command_spec(FinetuneSpec, line, "fine-tuning spec", positional="model")
-        check_converted_model(spec.model, "model")
-        task = load_task(spec.task)
-    except (SpecError, TaskError, ValueError) as e:
-        return refuse("invalid fine-tuning spec", e)
+    started = start_model_command(sys.argv[1:] if argv is None else argv, __doc__, FinetuneSpec,
+                                  "fine-tuning spec", lambda spec: load_task(spec.task), errors=(TaskError,))
+    if isinstance(started, int):
+        return started
+    line, spec, task = started
     out = Path(spec.out or f"runs/finetune/{Path(spec.model).name}_{task.spec.name}_{spec.mode}.json")
     if "dry-run" in line.flags:
         print(dump_spec(spec), end="")

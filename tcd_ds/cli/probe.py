@@ -15,26 +15,19 @@ import json
 import sys
 from pathlib import Path
 
-from tcd_ds.cli.common import load_command_spec, parse_command_line, print_schema, refuse, wants_help
+from tcd_ds.cli.common import start_model_command
 from tcd_ds.downstream.spec import ProbeSpec
-from tcd_ds.spec import SpecError, dump_spec
+from tcd_ds.spec import dump_spec
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv, __doc__):
-        return 0
-    from tcd_ds.checks import check_converted_model, check_text_files
+    from tcd_ds.checks import check_text_files
 
-    try:
-        line = parse_command_line(argv, options=("spec",), flags=("dry-run", "print-schema"))
-        if "print-schema" in line.flags:
-            return print_schema(ProbeSpec)
-        spec = load_command_spec(ProbeSpec, line, "probe spec", positional="model")
-        check_converted_model(spec.model, "model")
-        check_text_files(spec.files, "files")
-    except (SpecError, ValueError) as e:
-        return refuse("invalid probe spec", e)
+    started = start_model_command(sys.argv[1:] if argv is None else argv, __doc__, ProbeSpec, "probe spec",
+                                  lambda spec: check_text_files(spec.files, "files"))
+    if isinstance(started, int):
+        return started
+    line, spec, _ = started
     if "dry-run" in line.flags:
         print(dump_spec(spec), end="")
         return 0
